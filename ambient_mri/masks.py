@@ -1,0 +1,372 @@
+"""Sampling masks, image-domain corruption masks, and the ambient *further* corruption ``M~ <= M``.
+
+Conventions: k-space masks are boolean numpy arrays whose last two axes are ``(1, W)`` for 1-D
+Cartesian line masks (phase-encode lines = columns) or ``(H, W)`` for 2-D masks; they broadcast
+against k-space ``(..., H, W)``. The fully sampled calibration (ACS) block is centred with fastMRI's
+convention: ``n`` lines start at ``(N - n + 1) // 2``. Every mask is a pure function of its seed.
+
+Prep-time masks are drawn with numpy (:class:`SamplingMask`); training-time further masks are drawn
+batched on the training device with torch (:func:`further_kspace_mask`, :func:`further_image_mask`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+
+LINE_KINDS = ("random", "adps", "equispaced", "gaussian")
+KSPACE_KINDS = LINE_KINDS + ("poisson", "sigpy-poisson")
+IMAGE_KINDS = ("pixels", "box")
+
+
+@dataclass(frozen=True)
+class SamplingMask:
+    """A drawn mask: ``mask`` (bool, ``(1, W)`` or ``(H, W)``), centred ``acs`` block ``(h, w)``, its seed."""
+
+    mask: np.ndarray
+    acs: tuple[int, int]
+    seed: int
+    kind: str
+
+    @property
+    def acceleration(self) -> float:
+        """Actual acceleration: number of grid points over number sampled."""
+        return acceleration(self.mask)
+
+    def full(self, height: int) -> np.ndarray:
+        """The mask broadcast to ``(height, W)``."""
+        return np.broadcast_to(self.mask, (height, self.mask.shape[-1])).copy()
+
+
+def acceleration(mask) -> float:
+    """``size / count`` over the last two axes (averaged over any leading axes); ``inf`` if empty."""
+    m = np.asarray(mask)
+    n = m.reshape(-1, m.shape[-2] * m.shape[-1]).sum(axis=1).mean()
+    return float(m.shape[-2] * m.shape[-1] / n) if n > 0 else math.inf
+
+
+def center_slice(n_total: int, n_center: int) -> slice:
+    """Indices of a centred block of ``n_center`` out of ``n_total`` (fastMRI: start ``(N - n + 1) // 2``)."""
+    start = (n_total - n_center + 1) // 2
+    return slice(start, start + n_center)
+
+
+def acs_region(shape: tuple[int, int], acs: tuple[int, int]) -> np.ndarray:
+    """Boolean ``shape`` array that is True on the centred ``acs`` block."""
+    out = np.zeros(shape, dtype=bool)
+    out[center_slice(shape[0], min(acs[0], shape[0])), center_slice(shape[1], min(acs[1], shape[1]))] = True
+    return out
+
+
+def _check(accel: float, n: int, n_center: int) -> None:
+    if not accel >= 1:
+        raise ConfigError(f"acceleration must be >= 1 (got {accel})")
+    if not 0 <= n_center <= n:
+        raise ConfigError(f"calibration size {n_center} does not fit a matrix of {n}")
+
+
+def _n_center(W: int, center_fraction: float | None, center_lines: int | None) -> int:
+    if center_lines is not None:
+        return int(center_lines)
+    return int(round(W * (0.08 if center_fraction is None else center_fraction)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-D Cartesian line masks, shape (1, W)
+
+
+def random_lines(W: int, accel: float, *, center_fraction: float | None = None, center_lines: int | None = None,
+                 seed: int = 0) -> SamplingMask:
+    """fastMRI ``RandomMaskFunc``: ACS block of ``round(W * center_fraction)`` lines; every other line is
+    kept independently with ``p = (W / R - n_acs) / (W - n_acs)`` (so ``W / R`` lines on average).
+
+    With one centre fraction and acceleration, the same seed gives fastMRI's mask bit for bit.
+    """
+    n_acs = _n_center(W, center_fraction, center_lines)
+    _check(accel, W, n_acs)
+    rng = np.random.RandomState(seed)
+    rng.randint(1)  # fastMRI first draws which (centre fraction, acceleration) pair to use
+    prob = (W / accel - n_acs) / (W - n_acs) if W > n_acs else 0.0
+    m = rng.uniform(size=W) < prob
+    m[center_slice(W, n_acs)] = True
+    return SamplingMask(m[None], (1, n_acs), seed, "random")
+
+
+def adps_lines(W: int, accel: float, *, center_lines: int = 20, seed: int = 0) -> SamplingMask:
+    """A-DPS rule: exactly ``floor(W / R)`` lines, ``center_lines`` of them the central ACS block, the rest
+    drawn uniformly without replacement from the outer lines."""
+    _check(accel, W, center_lines)
+    m = np.zeros(W, dtype=bool)
+    m[center_slice(W, center_lines)] = True
+    outer = np.flatnonzero(~m)
+    n_rand = max(0, min(int(math.floor(W / accel)) - center_lines, outer.size))
+    m[np.random.default_rng(seed).choice(outer, n_rand, replace=False)] = True
+    return SamplingMask(m[None], (1, center_lines), seed, "adps")
+
+
+def equispaced_lines(W: int, accel: float, *, center_fraction: float | None = None,
+                     center_lines: int | None = None, seed: int = 0) -> SamplingMask:
+    """fastMRI ``EquispacedMaskFractionFunc``: ACS block plus lines spaced by
+    ``R (n_acs - W) / (n_acs R - W)`` from a random offset, so that the total is about ``W / R``."""
+    n_acs = _n_center(W, center_fraction, center_lines)
+    _check(accel, W, n_acs)
+    rng = np.random.RandomState(seed)
+    rng.randint(1)
+    offset = rng.randint(0, high=round(accel))
+    m = np.zeros(W, dtype=bool)
+    if n_acs * accel < W:
+        adjusted = accel * (n_acs - W) / (n_acs * accel - W)
+        m[np.around(np.arange(offset, W - 1, adjusted)).astype(np.uint)] = True
+    m[center_slice(W, n_acs)] = True
+    return SamplingMask(m[None], (1, n_acs), seed, "equispaced")
+
+
+def gaussian_lines(W: int, accel: float, *, center_lines: int = 20, std_fraction: float = 0.25,
+                   seed: int = 0) -> SamplingMask:
+    """Variable-density lines: exactly ``floor(W / R)`` lines, the ACS block plus lines drawn without
+    replacement with probability ``exp(-k^2 / (2 (std_fraction W)^2))`` of their distance ``k`` to the centre."""
+    _check(accel, W, center_lines)
+    m = np.zeros(W, dtype=bool)
+    m[center_slice(W, center_lines)] = True
+    outer = np.flatnonzero(~m)
+    k = outer - W // 2
+    p = np.exp(-(k**2) / (2 * (std_fraction * W) ** 2))
+    n_rand = max(0, min(int(math.floor(W / accel)) - center_lines, outer.size))
+    m[np.random.default_rng(seed).choice(outer, n_rand, replace=False, p=p / p.sum())] = True
+    return SamplingMask(m[None], (1, center_lines), seed, "gaussian")
+
+
+# ----------------------------------------------------------------------------------------------
+# 2-D masks, shape (H, W)
+
+
+def poisson_disc(shape: tuple[int, int], accel: float, *, calib: tuple[int, int] = (8, 8), seed: int = 0,
+                 density_slope: float = 2.0) -> SamplingMask:
+    """2-D variable-density Poisson-disc mask with exactly ``floor(H W / R)`` samples.
+
+    Dart throwing in a seeded random order: a point is accepted when no accepted point lies closer
+    than ``s (1 + density_slope * r)``, ``r`` its normalised distance to the centre (denser near DC).
+    The scale ``s`` is found by bisection (a fixed number of passes, each ``O(H W)``: bounded time on any
+    seed, unlike rejection loops), then points are added or removed at random to hit the count exactly.
+    The ``calib`` block is always fully sampled.
+    """
+    H, W = shape
+    _check(accel, H * W, calib[0] * calib[1])
+    target = int(math.floor(H * W / accel))
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(H * W).astype(np.int64)
+    cal = acs_region((H, W), calib)
+    yy, xx = np.meshgrid(np.arange(H) - H // 2, np.arange(W) - W // 2, indexing="ij")
+    r = np.sqrt((yy / max(H / 2, 1)) ** 2 + (xx / max(W / 2, 1)) ** 2) / math.sqrt(2)
+    grow = (1 + density_slope * r).ravel()
+    lo, hi = 0.0, 3.0 * math.sqrt(accel)  # nearest-neighbour spacing of a disc pattern ~ sqrt(R)
+    best = None
+    for _ in range(16):
+        s = 0.5 * (lo + hi)
+        m = _dart_throw(order, grow * s, H, W, cal.ravel())
+        if m.sum() >= target:
+            best, lo = m, s
+        else:
+            hi = s
+    m = best if best is not None else cal.ravel().copy()
+    free = np.flatnonzero(m & ~cal.ravel())
+    if m.sum() > target:  # remove the surplus at random (never from the calibration block)
+        m[rng.choice(free, min(m.sum() - target, free.size), replace=False)] = False
+    elif m.sum() < target:
+        empty = np.flatnonzero(~m)
+        m[rng.choice(empty, target - m.sum(), replace=False)] = True
+    return SamplingMask(m.reshape(H, W), tuple(calib), seed, "poisson")
+
+
+def _dart_throw(order, radius, H, W, calib):
+    return _dart_throw_impl()(order, radius, H, W, calib)
+
+
+_DART = None
+
+
+def _dart_throw_impl():
+    """Compile (once) the numba dart-throwing kernel; pure Python fallback if numba is missing."""
+    global _DART
+    if _DART is not None:
+        return _DART
+
+    def kernel(order, radius, H, W, calib):
+        m = calib.copy()
+        for idx in order:
+            if m[idx]:
+                continue
+            y, x = idx // W, idx % W
+            rad = radius[idx]
+            ri = int(rad)
+            ok = True
+            for dy in range(-ri, ri + 1):
+                yy = y + dy
+                if yy < 0 or yy >= H:
+                    continue
+                for dx in range(-ri, ri + 1):
+                    xx = x + dx
+                    if xx < 0 or xx >= W or dy * dy + dx * dx >= rad * rad:
+                        continue
+                    if m[yy * W + xx]:
+                        ok = False
+                        break
+                if not ok:
+                    break
+            if ok:
+                m[idx] = True
+        return m
+
+    try:
+        import numba
+
+        _DART = numba.njit(cache=False)(kernel)
+    except ImportError:  # pragma: no cover
+        _DART = kernel
+    return _DART
+
+
+def sigpy_poisson(shape: tuple[int, int], accel: float, *, calib: tuple[int, int] = (8, 8), seed: int = 0,
+                  attempts: int = 10) -> SamplingMask:
+    """``sigpy.mri.poisson`` with a deterministic retry: when sigpy raises for a seed (it does on small
+    matrices), seeds ``seed + 1000 k`` are tried in turn; the seed that worked is recorded."""
+    import sigpy.mri
+
+    _check(accel, shape[0] * shape[1], calib[0] * calib[1])
+    last = None
+    for k in range(attempts):
+        s = seed + 1000 * k
+        try:
+            m = sigpy.mri.poisson(tuple(shape), accel, calib=tuple(calib), dtype=np.float32, seed=s)
+        except ValueError as e:  # sigpy: "Cannot generate mask to satisfy accel"
+            last = e
+            continue
+        m = np.abs(m) > 0
+        m |= acs_region(tuple(shape), calib)
+        return SamplingMask(m, tuple(calib), s, "sigpy-poisson")
+    raise ConfigError(f"sigpy.mri.poisson found no {shape} mask at R={accel} in {attempts} seeds ({last})")
+
+
+def kspace_mask(kind: str, shape: tuple[int, int], accel: float, *, center: int | None = None,
+                center_fraction: float | None = None, seed: int = 0) -> SamplingMask:
+    """Draw a k-space mask of ``kind`` (one of :data:`KSPACE_KINDS`) for a ``(H, W)`` matrix.
+
+    ``center``: number of ACS lines (line masks) or the side of the square calibration block (2-D);
+    defaults: ``W / 16`` lines for ``adps``/``gaussian`` (A-DPS's 20 of 320), fastMRI's 8 % for ``random``/
+    ``equispaced``, 8 x 8 for Poisson-disc masks.
+    """
+    H, W = shape
+    if kind == "random":
+        return random_lines(W, accel, center_fraction=center_fraction, center_lines=center, seed=seed)
+    if kind == "equispaced":
+        return equispaced_lines(W, accel, center_fraction=center_fraction, center_lines=center, seed=seed)
+    if kind in ("adps", "gaussian"):
+        n = center if center is not None else max(2, round(W / 16))
+        fn = adps_lines if kind == "adps" else gaussian_lines
+        return fn(W, accel, center_lines=n, seed=seed)
+    if kind in ("poisson", "sigpy-poisson"):
+        c = center if center is not None else 8
+        fn = poisson_disc if kind == "poisson" else sigpy_poisson
+        return fn((H, W), accel, calib=(min(c, H), min(c, W)), seed=seed)
+    raise ConfigError(f"unknown mask type {kind!r} (choose from {', '.join(KSPACE_KINDS)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Image-domain corruption masks (the seed paper's inpainting setting), shape (H, W); True = observed
+
+
+def random_pixels(shape: tuple[int, int], p: float, *, seed: int = 0) -> np.ndarray:
+    """Each pixel erased independently with probability ``p`` (kept with ``1 - p``)."""
+    if not 0 <= p < 1:
+        raise ConfigError(f"erasure probability must be in [0, 1) (got {p})")
+    return np.random.default_rng(seed).uniform(size=shape) >= p
+
+
+def random_box(shape: tuple[int, int], area_fraction: float, *, seed: int = 0) -> np.ndarray:
+    """One square box covering ``area_fraction`` of the image erased at a uniformly random position."""
+    if not 0 <= area_fraction < 1:
+        raise ConfigError(f"box area fraction must be in [0, 1) (got {area_fraction})")
+    H, W = shape
+    side = int(round(math.sqrt(area_fraction * H * W)))
+    bh, bw = min(side, H), min(side, W)
+    rng = np.random.default_rng(seed)
+    top, left = rng.integers(0, H - bh + 1), rng.integers(0, W - bw + 1)
+    m = np.ones(shape, dtype=bool)
+    m[top : top + bh, left : left + bw] = False
+    return m
+
+
+def image_mask(kind: str, shape: tuple[int, int], level: float, *, seed: int = 0) -> np.ndarray:
+    """``pixels`` (``level`` = erasure probability) or ``box`` (``level`` = erased area fraction)."""
+    if kind == "pixels":
+        return random_pixels(shape, level, seed=seed)
+    if kind == "box":
+        return random_box(shape, level, seed=seed)
+    raise ConfigError(f"unknown image corruption {kind!r} (choose from {', '.join(IMAGE_KINDS)})")
+
+
+# ----------------------------------------------------------------------------------------------
+# Further corruption M~ <= M (training time, batched, torch)
+
+
+def further_count(n_grid: int, further_accel: float) -> int:
+    """Samples kept by the further mask: ``floor(n_grid / R~)`` (W = 320, R~ = 5 -> 64 lines)."""
+    return int(math.floor(n_grid / further_accel))
+
+
+def further_kspace_mask(mask: torch.Tensor, acs: tuple[int, int], *, further_accel: float | None = None,
+                        delta: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Draw ``M~ <= M`` by switching off sampled, non-ACS lines (or points, for 2-D masks).
+
+    ``mask``: ``(B, 1, W)`` line masks or ``(B, H, W)`` 2-D masks (bool or 0/1). Exactly one of:
+
+    * ``further_accel = R~``: keep ``floor(N / R~)`` samples (``N = W`` lines or ``H W`` points), i.e.
+      remove ``count(M) - floor(N / R~)``; the A-DPS schedule (W = 320: R 4 -> 80 lines, 16 removed, 5.00);
+    * ``delta``: remove ``round(delta * n_outer)`` of the ``n_outer`` sampled non-ACS samples.
+
+    At least one sample is removed (while any non-ACS sample remains), so ``M~ != M``. The ACS block
+    is never touched. Returns a mask of ``mask``'s shape and dtype.
+    """
+    if (further_accel is None) == (delta is None):
+        raise ConfigError("give exactly one of further_accel and delta")
+    B, h, W = mask.shape
+    m = mask.reshape(B, h * W) > 0
+    acs_block = torch.from_numpy(acs_region((h, W), acs).ravel()).to(mask.device)
+    outer = m & ~acs_block
+    n_outer = outer.sum(1)
+    if further_accel is not None:
+        remove = m.sum(1) - further_count(h * W, further_accel)
+    else:
+        remove = torch.round(delta * n_outer.float()).long()
+    remove = torch.minimum(remove.clamp_min(1), n_outer)
+    score = torch.rand(m.shape, generator=generator, device=mask.device)
+    score = torch.where(outer, score, torch.full_like(score, 2.0))
+    rank = torch.argsort(torch.argsort(score, dim=1), dim=1)
+    drop = rank < remove[:, None]
+    return (m & ~drop).reshape(mask.shape).to(mask.dtype)
+
+
+def further_image_mask(mask: torch.Tensor, kind: str, level: float,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+    """Image-domain further corruption, ``mask`` ``(B, H, W)``: ``pixels`` erases a further fraction
+    ``level`` (delta) of the surviving pixels; ``box`` erases a second random box of area fraction ``level``."""
+    B, H, W = mask.shape
+    m = mask > 0
+    if kind == "pixels":
+        keep = torch.rand(m.shape, generator=generator, device=mask.device) >= level
+        return (m & keep).to(mask.dtype)
+    if kind == "box":
+        side = int(round(math.sqrt(level * H * W)))
+        bh, bw = min(side, H), min(side, W)
+        top = torch.randint(0, H - bh + 1, (B, 1, 1), generator=generator, device=mask.device)
+        left = torch.randint(0, W - bw + 1, (B, 1, 1), generator=generator, device=mask.device)
+        yy = torch.arange(H, device=mask.device)[None, :, None]
+        xx = torch.arange(W, device=mask.device)[None, None, :]
+        box = (yy >= top) & (yy < top + bh) & (xx >= left) & (xx < left + bw)
+        return (m & ~box).to(mask.dtype)
+    raise ConfigError(f"unknown image corruption {kind!r} (choose from {', '.join(IMAGE_KINDS)})")
