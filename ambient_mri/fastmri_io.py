@@ -118,3 +118,277 @@ def write_volume(path: str | os.PathLike, kspace: np.ndarray, *, recon_size: tup
         for k, v in (extra_attrs or {}).items():
             f.attrs[k] = v
     return path
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading: one volume at a time, one slice at a time
+
+
+MAX_DIM = 16384  # larger sizes (matrix side or header size) are taken as corrupt
+MAX_COILS = 1024
+
+
+
+class FastMRIVolume:
+    """A lazily read fastMRI-layout volume; validated on open, read one slice at a time.
+
+    ``FastMRIVolume(path)`` opens the file read-only and checks it (each problem is a one-line
+    :class:`~ambient_mri.errors.DataError` naming the file): HDF5 readable, ``kspace`` present, rank 3
+    (single-coil ``(S, H, W)``, read as ``C = 1``) or 4 (``(S, C, H, W)``), complex dtype, no empty axis,
+    a finite central k-space row in every slice (cheap check; every slice is checked in full as it is
+    read), and a ``mask`` of shape ``(W,)``, ``(1, W)`` or ``(H, W)`` that samples something.
+    A header that is missing, does not parse or holds absurd sizes is not fatal: the sizes fall back to
+    the array shape and the reason is kept in :attr:`warnings` (and issued as a ``UserWarning``).
+
+    Attributes: ``path``, ``shape`` ``(S, C, H, W)``, ``num_slices``, ``num_coils``, ``single_coil``,
+    ``mask`` (bool ``(W,)`` / ``(H, W)`` or ``None``), ``header`` (:func:`parse_header` dict plus
+    ``"source"``: ``"header"`` or ``"array"``), ``attrs`` (the file's attributes as Python values),
+    ``warnings``. Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        from .errors import DataError
+
+        self.path = Path(path)
+        self.warnings: list[str] = []
+        self._file = None
+        name = os.fspath(self.path)
+        if not self.path.is_file():
+            raise DataError("no such file" if not self.path.exists() else "not a regular file", name)
+        try:
+            if not h5py.is_hdf5(name):
+                raise DataError("not an HDF5 file", name)
+            self._file = h5py.File(name, "r")
+        except DataError:
+            raise
+        except OSError as e:
+            raise DataError(f"cannot open as HDF5 (truncated or unreadable: {_first_line(e)})", name) from None
+        try:
+            self._validate()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- validation ---------------------------------------------------------------------------------
+
+    def _fail(self, problem: str):
+        from .errors import DataError
+
+        raise DataError(problem, self.path)
+
+    def _validate(self):
+        f = self._file
+        if "kspace" not in f:
+            self._fail(f"no 'kspace' dataset (keys: {', '.join(sorted(f.keys())) or 'none'})")
+        ks = f["kspace"]
+        if not isinstance(ks, h5py.Dataset):
+            self._fail("'kspace' is not a dataset")
+        if ks.ndim not in (3, 4):
+            self._fail(f"'kspace' must be (slices, coils, H, W) or (slices, H, W), got shape {ks.shape}")
+        if ks.dtype.kind != "c":
+            self._fail(f"'kspace' must be complex, got dtype {ks.dtype}")
+        self.single_coil = ks.ndim == 3
+        S, C, H, W = (ks.shape[0], 1, *ks.shape[1:]) if self.single_coil else ks.shape
+        if min(S, C, H, W) == 0:
+            self._fail(f"'kspace' has an empty axis: shape {ks.shape}")
+        if max(H, W) > MAX_DIM or C > MAX_COILS:
+            self._fail(f"'kspace' has an absurd shape {ks.shape}")
+        self._ks = ks
+        self.shape = (S, C, H, W)
+        self.attrs = {k: _plain(v) for k, v in f.attrs.items()}
+        self.mask = self._read_mask(H, W)
+        self.header = self._read_header(H, W)
+        try:  # cheap finiteness check: the central k-space row (where most energy is) of every slice
+            row = ks[:, H // 2, :] if self.single_coil else ks[:, :, H // 2, :]
+        except OSError as e:
+            self._fail(f"cannot read 'kspace' (truncated file?: {_first_line(e)})")
+        if not np.isfinite(row).all():
+            bad = np.flatnonzero(~np.isfinite(row).reshape(S, -1).all(axis=1))
+            self._fail(f"'kspace' holds NaN or Inf (slice {int(bad[0])})")
+
+    def _read_mask(self, H, W):
+        if "mask" not in self._file:
+            return None
+        try:
+            m = np.asarray(self._file["mask"][()])
+        except (OSError, TypeError) as e:
+            self._fail(f"cannot read 'mask' ({_first_line(e)})")
+        if m.size == 0:
+            self._fail("'mask' is empty")
+        if m.dtype.kind not in "biuf":
+            self._fail(f"'mask' must be boolean or numeric, got dtype {m.dtype}")
+        if m.dtype.kind == "f" and not np.isfinite(m).all():
+            self._fail("'mask' holds NaN or Inf")
+        if m.ndim == 2 and m.shape[0] == 1:
+            m = m[0]
+        if not (m.shape == (W,) or m.shape == (H, W)):
+            self._fail(f"'mask' has shape {m.shape}; expected ({W},) or ({H}, {W}) for k-space {self._ks.shape}")
+        m = m != 0
+        if not m.any():
+            self._fail("'mask' is all zero (samples nothing)")
+        return m
+
+    def _read_header(self, H, W):
+        fallback = {"encoding_size": (H, W, 1), "recon_size": (H, W, 1), "encoding_fov_mm": (float(H), float(W), 1.0),
+                    "padding_left": 0, "padding_right": W, "source": "array"}
+        if "ismrmrd_header" not in self._file:
+            return self._header_fallback(fallback, "no 'ismrmrd_header'")
+        try:
+            raw = self._file["ismrmrd_header"][()]
+            raw = raw.tobytes() if isinstance(raw, np.ndarray) else raw
+            hdr = parse_header(raw)
+        except (ValueError, TypeError, OSError, ET.ParseError) as e:
+            return self._header_fallback(fallback, f"'ismrmrd_header' does not parse ({_first_line(e)})")
+        sizes = hdr["encoding_size"][:2] + hdr["recon_size"][:2]
+        if any(not 1 <= s <= MAX_DIM for s in sizes):
+            return self._header_fallback(fallback, f"'ismrmrd_header' has absurd sizes (encoded {hdr['encoding_size']},"
+                                                   f" recon {hdr['recon_size']})")
+        hdr["source"] = "header"
+        return hdr
+
+    def _header_fallback(self, fallback, reason):
+        import warnings
+
+        msg = f"{reason}; using the array shape {fallback['encoding_size'][:2]} instead"
+        self.warnings.append(msg)
+        warnings.warn(f"{self.path}: {msg}", UserWarning, stacklevel=3)
+        return fallback
+
+    # -- properties ---------------------------------------------------------------------------------
+
+    @property
+    def num_slices(self) -> int:
+        return self.shape[0]
+
+    @property
+    def num_coils(self) -> int:
+        return self.shape[1]
+
+    @property
+    def is_undersampled(self) -> bool:
+        """True when the file carries its own sampling ``mask`` (test/challenge or real undersampled data)."""
+        return self.mask is not None
+
+    @property
+    def acceleration(self) -> float | None:
+        """The file's ``acceleration`` attribute, else ``mask`` size / samples; ``None`` without a mask."""
+        if self.mask is None:
+            return None
+        if "acceleration" in self.attrs:
+            return float(self.attrs["acceleration"])
+        return float(self.mask.size / self.mask.sum())
+
+    @property
+    def readout_oversampled(self) -> bool:
+        """Header encoded readout size larger than the recon size (fastMRI: 640 > 320)."""
+        return self.header["encoding_size"][0] > self.header["recon_size"][0]
+
+    @property
+    def reference_key(self) -> str | None:
+        """``reconstruction_rss`` (multi-coil) or ``reconstruction_esc`` (single-coil) if present."""
+        for key in (("reconstruction_esc", "reconstruction_rss") if self.single_coil else ("reconstruction_rss",)):
+            if key in self._file:
+                return key
+        return None
+
+    def keys(self) -> list[str]:
+        return sorted(self._file.keys())
+
+    # -- reading ------------------------------------------------------------------------------------
+
+    def _index(self, i) -> int:
+        i = int(i)
+        if not -self.num_slices <= i < self.num_slices:
+            from .errors import DataError
+
+            raise DataError(f"slice {i} out of range (volume has {self.num_slices})", self.path)
+        return i % self.num_slices
+
+    def slice(self, i: int, *, apply_mask: bool = True) -> np.ndarray:
+        """Slice ``i`` as complex64 ``(C, H, W)`` (single-coil: ``C = 1``); only this slice is read.
+
+        With a ``mask`` in the file, k-space is multiplied by it (fastMRI test data is already zero there).
+        """
+        i = self._index(i)
+        try:
+            k = np.asarray(self._ks[i], dtype=np.complex64)
+        except OSError as e:
+            self._fail(f"cannot read slice {i} of 'kspace' ({_first_line(e)})")
+        if not np.isfinite(k).all():
+            self._fail(f"'kspace' holds NaN or Inf (slice {i})")
+        if self.single_coil:
+            k = k[None]
+        if apply_mask and self.mask is not None:
+            k = k * self.mask
+        return k
+
+    def slices(self, indices=None):
+        """Iterate ``(i, slice(i))`` over ``indices`` (default all), reading one slice at a time."""
+        for i in range(self.num_slices) if indices is None else indices:
+            yield int(i), self.slice(i)
+
+    def reference(self, i: int) -> np.ndarray | None:
+        """Slice ``i`` of the file's own reconstruction (``reconstruction_rss``/``_esc``), or ``None``."""
+        key = self.reference_key
+        return None if key is None else np.asarray(self._file[key][self._index(i)], dtype=np.float32)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        kind = "single-coil" if self.single_coil else f"{self.num_coils}-coil"
+        us = f", undersampled R={self.acceleration:.3g}" if self.is_undersampled else ""
+        return f"FastMRIVolume({str(self.path)!r}, {self.num_slices} slices, {kind}, {self.shape[2]}x{self.shape[3]}{us})"
+
+
+def list_volumes(folder: str | os.PathLike) -> list[Path]:
+    """The ``*.h5`` files of ``folder``, sorted by name (temporary and hidden files skipped); a file
+    path gives itself."""
+    folder = Path(folder)
+    if folder.is_file():
+        return [folder]
+    return sorted(p for p in folder.glob("*.h5") if not p.name.startswith(".") and p.is_file())
+
+
+def iter_volumes(folder: str | os.PathLike, on_error=None):
+    """Open the volumes of :func:`list_volumes` one at a time (each is closed before the next is opened).
+
+    A file that fails validation raises its :class:`DataError`, or, with ``on_error``, is passed to
+    ``on_error(path, error)`` and skipped.
+    """
+    from .errors import DataError
+
+    for path in list_volumes(folder):
+        try:
+            vol = FastMRIVolume(path)
+        except DataError as e:
+            if on_error is None:
+                raise
+            on_error(path, e)
+            continue
+        with vol:
+            yield vol
+
+
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]
+
+
+def _plain(v):
+    """h5py attribute value -> plain Python (bytes decoded, numpy scalars unwrapped)."""
+    if isinstance(v, bytes):
+        return v.decode(errors="replace")
+    if isinstance(v, np.generic):
+        return v.item()
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    return v
