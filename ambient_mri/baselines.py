@@ -29,7 +29,7 @@ from .operators import SenseOp, as_mask, conjugate_gradient
 DEFAULT_LAMBDAS = tuple(float(v) for v in np.logspace(-5, -1, 9))  # 1e-5, 3.2e-5, ..., 1e-1
 
 
-def _tensor(a, name: str, device=None) -> torch.Tensor:
+def _tensor(a, device=None) -> torch.Tensor:
     t = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
     if not torch.is_complex(t):
         t = t.to(torch.complex128 if t.dtype == torch.float64 else torch.complex64)
@@ -37,8 +37,8 @@ def _tensor(a, name: str, device=None) -> torch.Tensor:
 
 
 def _inputs(y, maps, mask=None):
-    y = _tensor(y, "kspace")
-    maps = _tensor(maps, "maps", y.device).to(y.dtype)
+    y = _tensor(y)
+    maps = _tensor(maps, y.device).to(y.dtype)
     if y.ndim != 4:
         raise DataError(f"k-space must be (B, C, H, W), got shape {tuple(y.shape)}")
     if maps.ndim != 4 or maps.shape[1:] != y.shape[1:] or maps.shape[0] not in (1, y.shape[0]):
@@ -61,7 +61,7 @@ def zero_filled(y, maps, mask) -> torch.Tensor:
 
 def rss_zero_filled(y, mask=None) -> torch.Tensor:
     """``sqrt(sum_c |F^-1 (M y_c)|^2)``: ``(B, C, H, W)`` -> real ``(B, H, W)`` (no maps needed)."""
-    y = _tensor(y, "kspace")
+    y = _tensor(y)
     if y.ndim != 4:
         raise DataError(f"k-space must be (B, C, H, W), got shape {tuple(y.shape)}")
     if mask is not None:
@@ -74,7 +74,7 @@ def cg_sense(y, maps, mask, iters: int = 30, lam: float = 0.0, tol: float = 0.0,
     every slice solved independently; ``tol`` stops once ``||r|| <= tol ||A^H y||`` for all. -> ``(B, H, W)``."""
     y, maps, m = _inputs(y, maps, mask)
     op = SenseOp(maps, m)
-    x0 = None if x0 is None else _tensor(x0, "x0", y.device).to(y.dtype)
+    x0 = None if x0 is None else _tensor(x0, y.device).to(y.dtype)
     return conjugate_gradient(op.normal, op.adjoint(y), x0=x0, lam=lam, iters=iters, tol=tol)
 
 
@@ -129,7 +129,7 @@ def data_consistency(x, y, maps, mask) -> torch.Tensor:
     """``||A x - M y|| / ||M y||`` per slice: image ``(B, H, W)`` against k-space ``(B, C, H, W)`` -> ``(B,)``."""
     y, maps, m = _inputs(y, maps, mask)
     op = SenseOp(maps, m)
-    x = _tensor(x, "image", y.device).to(y.dtype)
+    x = _tensor(x, y.device).to(y.dtype)
     if x.shape != (y.shape[0],) + tuple(y.shape[-2:]):
         raise DataError(f"image shape {tuple(x.shape)} does not match k-space shape {tuple(y.shape)}")
     ym = op.mask * y
