@@ -370,3 +370,29 @@ def further_image_mask(mask: torch.Tensor, kind: str, level: float,
         box = (yy >= top) & (yy < top + bh) & (xx >= left) & (xx < left + bw)
         return (m & ~box).to(mask.dtype)
     raise ConfigError(f"unknown image corruption {kind!r} (choose from {', '.join(IMAGE_KINDS)})")
+
+
+def draw_training_further_masks(corruption: dict, batch: int, *, seed: int = 0) -> torch.Tensor:
+    """Draw ``batch`` further masks ``M~`` from the *training* distribution recorded in a checkpoint.
+
+    ``corruption`` (written by the trainer): ``{"domain": "kspace", "mask_kind", "accel", "center",
+    "acs": [h, w], "shape": [H, W], "further_accel" or "delta"}`` -> draw ``M`` as in prep, then ``M~ <= M``;
+    ``{"domain": "image", "kind", "level", "further_level"}`` -> an image mask and its further corruption;
+    ``{"domain": "clean"}`` (oracle and naive models) -> all ones. Returns bool ``(B, 1, W)`` line masks
+    or ``(B, H, W)`` 2-D masks. This is what A-DPS and the prior sampler hold fixed over all steps,
+    independent of any test mask.
+    """
+    H, W = corruption["shape"]
+    domain = corruption.get("domain", "kspace")
+    g = torch.Generator().manual_seed(int(seed))
+    if domain == "clean":
+        return torch.ones(batch, H, W, dtype=torch.bool)
+    if domain == "image":
+        m = np.stack([image_mask(corruption["kind"], (H, W), corruption["level"], seed=seed * 7919 + b)
+                      for b in range(batch)])
+        return further_image_mask(torch.from_numpy(m), corruption["kind"], corruption["further_level"], generator=g)
+    m = np.stack([kspace_mask(corruption["mask_kind"], (H, W), corruption["accel"], center=corruption.get("center"),
+                              seed=seed * 7919 + b).mask for b in range(batch)])
+    key = "further_accel" if corruption.get("further_accel") is not None else "delta"
+    return further_kspace_mask(torch.from_numpy(m), tuple(corruption["acs"]), generator=g,
+                               **{key: corruption[key]})
