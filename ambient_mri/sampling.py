@@ -1,0 +1,242 @@
+"""Samplers: prior (fixed-mask Heun), A-DPS, A-OS, FS-DPS, and our fast DC sampler, batched over samples.
+
+Notation (design.md section 6): EDM schedule ``sigma_i = (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho``
+followed by ``sigma_N = 0``; a denoiser ``D(x_in; sigma, M~)`` (``networks.EDMDenoiser``); the model's
+*view* of an iterate, ``x_in = view(x)``: ``A~^H A~ x = S^H F^-1 M~ F S x`` for k-space ambient models
+(``M~`` drawn once from the training further-mask distribution and held fixed, independent of the test
+mask), ``M~ * x`` for image-domain ambient models, ``x`` itself for oracle/naive models.
+Measurements ``y`` ``(B, C, H, W)`` with test operator ``A = M F S`` (``operators.SenseOp``).
+All samplers take a ``torch.Generator`` so one seed gives one posterior sample per batch item.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from .masks import draw_training_further_masks
+from .operators import InpaintOp, SenseOp, conjugate_gradient
+
+METHODS = ("adps", "aos", "fsdps", "dc")
+
+
+def edm_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None) -> torch.Tensor:
+    """``steps`` EDM noise levels from ``sigma_max`` down to ``sigma_min``, then a final 0: ``(steps + 1,)``."""
+    i = torch.arange(steps, dtype=torch.float64, device=device)
+    s = (sigma_max ** (1 / rho) + i / max(steps - 1, 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    return torch.cat([s, s.new_zeros(1)]).float()
+
+
+def _randn_complex(shape, generator, device):
+    re = torch.randn(shape, generator=generator, device=device)
+    im = torch.randn(shape, generator=generator, device=device)
+    return torch.complex(re, im)
+
+
+class View:
+    """The model's view of an image ``x (B, H, W)``, and the conditioning mask it is given."""
+
+    def __init__(self, domain: str, further_mask: torch.Tensor | None = None, maps: torch.Tensor | None = None):
+        self.domain, self.mask = domain, further_mask
+        if domain == "kspace":
+            if maps is None:  # single-coil image space: A~^H A~ x = F^-1 M~ F x
+                maps = torch.ones((further_mask.shape[0], 1, 1, 1), dtype=torch.complex64, device=further_mask.device)
+            self.op = SenseOp(maps, further_mask)
+        elif domain == "image":
+            self.op = InpaintOp(further_mask, like=torch.zeros((), dtype=torch.complex64, device=further_mask.device))
+        elif domain == "clean":
+            self.op, self.mask = None, None
+        else:
+            raise ValueError(f"unknown model domain {domain!r}")
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.op is None else self.op.normal(x)
+
+
+def model_view(meta: dict, batch: int, *, shape, maps=None, seed: int = 0, device=None) -> View:
+    """Draw the fixed further mask for ``batch`` chains from the checkpoint's training distribution
+    (``meta["corruption"]``, drawn at the test matrix ``shape``) and build the view."""
+    corruption = dict(meta["corruption"], shape=list(shape))
+    domain = corruption.get("domain", "kspace")
+    if domain == "clean":
+        return View("clean")
+    fm = draw_training_further_masks(corruption, batch, seed=seed).to(device)
+    return View(domain, fm, maps)
+
+
+def make_operator(y: torch.Tensor, maps: torch.Tensor | None, mask) -> SenseOp | InpaintOp:
+    """The test operator: ``SenseOp(maps, mask)`` for k-space ``y (B, C, H, W)``, or ``InpaintOp(mask)`` for an
+    image-domain measurement ``y (B, H, W)`` (``maps`` None)."""
+    if maps is None:
+        return InpaintOp(mask, like=y)
+    return SenseOp(maps, mask)
+
+
+def denoise(denoiser, view: View, x: torch.Tensor, sigma) -> torch.Tensor:
+    """``D(view(x); sigma, M~)``."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
+    return denoiser(view(x), s, view.mask)
+
+
+@torch.no_grad()
+def prior_sample(denoiser, view: View, shape, *, steps: int = 18, sigma_min: float = 0.002, sigma_max: float = 80.0,
+                 rho: float = 7.0, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Unconditional samples ``(B, H, W)`` with the fixed-mask Heun sampler (seed paper):
+    ``d = (x - D(view(x); sigma)) / sigma``, Heun's 2nd-order correction except on the last step."""
+    B = view.mask.shape[0] if view.mask is not None else shape[0]
+    H, W = shape[-2:]
+    t = edm_sigmas(steps, sigma_min, sigma_max, rho, device)
+    x = _randn_complex((B, H, W), generator, device) * t[0]
+    for i in range(steps):
+        s, s_next = t[i], t[i + 1]
+        d = (x - denoise(denoiser, view, x, s)) / s
+        x_next = x + (s_next - s) * d
+        if s_next > 0:
+            d2 = (x_next - denoise(denoiser, view, x_next, s_next)) / s_next
+            x_next = x + (s_next - s) * 0.5 * (d + d2)
+        x = x_next
+    return x
+
+
+def adps(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int = 500, sigma_min: float = 0.004,
+         sigma_max: float = 10.0, rho: float = 7.0, step_size: float = 1.0, generator=None) -> torch.Tensor:
+    """A-DPS (Aali et al. 2025), exactly as published: Euler over the EDM schedule with a normalised DPS step
+    and the gradient taken through the network,
+
+    ``D = D(view(x_i); sigma_i)``, ``r = y - A D``,
+    ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D) / sigma_i - (l / ||r||) grad_{x_i} ||r||^2``.
+
+    Used with an oracle model (``view`` = identity) this is FS-DPS. Returns the last denoised estimate
+    ``(B, H, W)``; ``steps`` network evaluations.
+    """
+    t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
+    x = _randn_complex(A.adjoint(y).shape, generator, y.device) * t[0]
+    for i in range(steps):
+        s, s_next = t[i], t[i + 1]
+        x = x.detach().requires_grad_(True)
+        D = denoise(denoiser, view, x, s)
+        r = y - A.forward(D)
+        rnorm2 = r.abs().pow(2).flatten(1).sum(1)
+        (grad,) = torch.autograd.grad(rnorm2.sum(), x)
+        with torch.no_grad():
+            step = (step_size / rnorm2.sqrt().clamp_min(1e-12))[:, None, None]
+            x = x + (s_next - s) * (x - D) / s - step * grad
+            last = D
+    return last.detach()
+
+
+@torch.no_grad()
+def aos(denoiser, y: torch.Tensor, A: SenseOp, *, domain: str = "kspace", sigma: float = 0.003) -> torch.Tensor:
+    """A-OS, one step: ``x = D(A^H y; sigma = 0.003)`` conditioned on the TEST mask (in distribution only
+    when the test acceleration is at least the training ``R~``). One network evaluation."""
+    x_in = A.adjoint(y)
+    mask = A.mask[:, 0] if isinstance(A, SenseOp) else A.mask
+    mask = mask.expand(x_in.shape[0], *mask.shape[-2:])
+    s = torch.full((x_in.shape[0],), sigma, device=y.device)
+    return denoiser(x_in, s, mask if domain != "clean" else None)
+
+
+def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int = 25, sigma_min: float = 0.004,
+               sigma_max: float = 10.0, rho: float = 7.0, cg_iters: int = 5, lam: float | None = None,
+               churn: float = 0.0, heun: bool = True, generator=None) -> torch.Tensor:
+    """Ours: EDM Heun with data consistency by a few CG steps instead of back-propagation (DDS-style).
+
+    Each evaluation replaces the denoised estimate ``D`` by ``D_dc = argmin ||A v - y||^2 + lam ||v - D||^2``,
+    approximately (``cg_iters`` CG steps started at ``D``; ``lam`` defaults to ``sigma_i^2``, so data
+    dominate at low noise), then takes the Heun step with ``d = (x - D_dc) / sigma``. ``churn`` > 0 adds
+    EDM's stochastic noise injection. No gradients through the network; ``2 steps - 1`` network evaluations
+    with Heun. Returns the final data-consistent estimate.
+    """
+    t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
+    rhs0 = A.adjoint(y)
+
+    def D_dc(x, s):
+        D = denoise(denoiser, view, x, s)
+        if cg_iters <= 0:
+            return D
+        mu = float(s) ** 2 if lam is None else lam
+        return conjugate_gradient(A.normal, rhs0 + mu * D, x0=D, lam=mu, iters=cg_iters)
+
+    with torch.no_grad():
+        x = _randn_complex(rhs0.shape, generator, y.device) * t[0]
+        last = None
+        for i in range(steps):
+            s, s_next = t[i], t[i + 1]
+            if churn > 0:
+                gamma = min(churn / steps, 2**0.5 - 1)
+                s_hat = s * (1 + gamma)
+                x = x + (s_hat**2 - s**2).sqrt() * _randn_complex(x.shape, generator, y.device)
+                s = s_hat
+            last = D_dc(x, s)
+            d = (x - last) / s
+            x_next = x + (s_next - s) * d
+            if heun and s_next > 0:
+                d2 = (x_next - D_dc(x_next, s_next)) / s_next
+                x_next = x + (s_next - s) * 0.5 * (d + d2)
+            x = x_next
+        return last if s_next > 0 else x
+
+
+@dataclass
+class Posterior:
+    """K posterior samples per scan: ``samples (K, B, H, W)``, their ``mean`` and per-pixel ``std`` of the
+    complex samples (``std`` of the magnitude is ``mag_std``), network evaluations per sample, wall time."""
+
+    samples: torch.Tensor
+    nfe: int
+    seconds: float
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.samples.mean(0)
+
+    @property
+    def std(self) -> torch.Tensor:
+        return (self.samples - self.mean).abs().pow(2).mean(0).sqrt()
+
+    @property
+    def mag_std(self) -> torch.Tensor:
+        return self.samples.abs().std(0, unbiased=False)
+
+
+def nfe(method: str, steps: int) -> int:
+    """Network evaluations per sample."""
+    return {"adps": steps, "fsdps": steps, "aos": 1, "dc": 2 * steps - 1}[method]
+
+
+def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Tensor | None, mask, *,
+              samples: int = 1, seed: int = 0, steps: int | None = None, **kwargs) -> Posterior:
+    """Run ``method`` in {adps, fsdps, aos, dc} on a batch of scans, ``K = samples`` chains per scan in one
+    batch (scans repeated K times), one generator seeded by ``seed``.
+
+    ``y``: k-space ``(B, C, H, W)`` with ``maps (B, C, H, W)``, or an image-domain measurement ``(B, H, W)``
+    with ``maps=None`` (inpainting); ``mask`` broadcasts as in ``operators``. ``fsdps`` is ``adps`` with an
+    oracle model (``meta["corruption"]["domain"] == "clean"``).
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    K, B = samples, y.shape[0]
+    H, W = y.shape[-2:]
+    dev = y.device
+    rep = (K,) + (1,) * (y.ndim - 1)
+    yk = y.repeat(*rep)
+    mk = None if maps is None else maps.repeat(K, 1, 1, 1)
+    m = torch.as_tensor(mask, device=dev)
+    if m.ndim == 3 and m.shape[0] == B and B > 1:
+        m = m.repeat(K, 1, 1)
+    A = make_operator(yk, mk, m)
+    domain = meta["corruption"].get("domain", "kspace")
+    g = torch.Generator(device=dev).manual_seed(int(seed))
+    steps = steps or {"adps": 500, "fsdps": 500, "aos": 1, "dc": 25}[method]
+    t0 = time.perf_counter()
+    if method == "aos":
+        out = aos(denoiser, yk, A, domain=domain)
+    else:
+        view = model_view(meta, B * K, shape=(H, W), maps=mk if domain == "kspace" else None, seed=seed, device=dev)
+        fn = dc_sampler if method == "dc" else adps
+        out = fn(denoiser, view, yk, A, steps=steps, generator=g, **kwargs)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return Posterior(out.detach().reshape(K, B, H, W), nfe(method, steps), time.perf_counter() - t0)
