@@ -14,7 +14,7 @@ from ambient_mri.errors import AmbientMRIError
 COMMANDS = {
     "siat": ("data_prep.siat", "SIAT T2 slices -> multi-coil train/val/test volumes (ESPIRiT maps of head.mat)."),
     "head8ch": ("data_prep.head8ch", "head.mat -> one fully sampled 8-coil volume."),
-    "bart": ("data_prep.bart", "BART 8-coil Poisson-disc k-space -> one test-style volume (2-D mask, BART PICS result)."),
+    "bart": ("data_prep.bart", "BART 8-coil Poisson k-space -> one test-style volume (2-D mask, BART PICS result)."),
     "brain512": ("data_prep.brain512", "brain512.mat -> one single-coil test-style volume (1-D line mask)."),
     "demo": ("data_prep.demo_data", "Simulate multi-coil demo volumes from nilearn's MNI152 template (no download)."),
 }
@@ -38,7 +38,7 @@ def cli():
     """Converters that write MRI data in the fastMRI .h5 layout (see docs/data_prep.md).
 
     Real data (read-only) come from ../shared/data; the demo data need nothing but the installed
-    nilearn package. Example: python -m data_prep siat ../shared/data data/siat64 --size 64 --coils 8
+    nilearn package. Example: python -m data_prep siat ../shared/data out/data/siat64 --size 64 --coils 8
     """
 
 

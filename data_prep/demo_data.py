@@ -66,7 +66,7 @@ def template_dir() -> Path:
     try:
         d = importlib.resources.files("nilearn") / "datasets" / "data"
     except ModuleNotFoundError:
-        raise DataError("nilearn is not installed (pip install nilearn): the demo data need its MNI template") from None
+        raise DataError("nilearn is not installed (pip install nilearn): the demo needs its MNI template") from None
     d = Path(os.fspath(d))
     missing = [n for n in TEMPLATE_FILES.values() if not (d / n).is_file()]
     if missing:
@@ -212,7 +212,8 @@ def _sample_planes(T: Template, normal: int, vox) -> np.ndarray:
     stack = T.stack(normal)  # (N, 5, A1, A2), cropped
     kc = k - lo[normal]
     inside = (kc >= 0) & (kc < stack.shape[0])
-    planes = stack[torch.from_numpy(np.clip(kc, 0, stack.shape[0] - 1))] * torch.from_numpy(inside.astype(np.float32))[:, None, None, None]
+    planes = stack[torch.from_numpy(np.clip(kc, 0, stack.shape[0] - 1))]
+    planes = planes * torch.from_numpy(inside.astype(np.float32))[:, None, None, None]
     out = F.grid_sample(planes, grid((vox[a1] - lo[a1], vox[a2] - lo[a2]), planes.shape[2:]), mode="bilinear",
                         padding_mode="zeros", align_corners=True)
     far = np.moveaxis(T.far, normal, 0)  # 3 mm grid, block b centred on voxel 3 b + 1
@@ -255,7 +256,7 @@ def _check_options(size, coils, slices_per_volume, noise, orientations):
 def demo_volume(split: str, index: int, *, slices_per_volume: int = 10, size: int = 64, coils: int = 8,
                 noise: float = 0.005, seed: int = 0, orientations=tuple(ORIENTATION_WEIGHTS)) -> DemoVolume:
     """Simulate volume ``index`` of ``split`` (a pure function of the arguments; see the module doc)."""
-    from ambient_mri.fft import fft2c, ifft2c
+    from ambient_mri.fft import center_crop, fft2c, ifft2c
 
     if split not in SPLITS:
         raise ConfigError(f"split must be one of {', '.join(SPLITS)} (got {split!r})")
@@ -319,8 +320,7 @@ def demo_volume(split: str, index: int, *, slices_per_volume: int = 10, size: in
     mag *= 1.0 + bias_amp * _poly2(un, vn, bias_coef) / max(float(np.abs(_poly2(un, vn, bias_coef)).max()), 1e-6)
     phase = np.stack([r.uniform(-np.pi, np.pi) + _smooth(r, un, vn, r.uniform(0.3, 2.0)) for r in rngs])
     fine = (mag * np.exp(1j * phase)).astype(np.complex64)
-    k = fft2c(fine)[:, nf // 2 - size // 2 : nf // 2 - size // 2 + size, nf // 2 - size // 2 : nf // 2 - size // 2 + size]
-    image = (ifft2c(k) / os_).astype(np.complex64)
+    image = (ifft2c(center_crop(fft2c(fine), (size, size))) / os_).astype(np.complex64)  # same FOV, N x N
     sigma = relative_sigma(image, noise)
     coil = image[:, None] * maps[None]
     if noise > 0:
@@ -410,8 +410,8 @@ def command(out_dir, train_volumes, val_volumes, test_volumes, slices_per_volume
     ../shared) and write OUT_DIR/{train,val,test}/*.h5 in the fastMRI layout plus demo_manifest.json."""
     out = generate_demo(out_dir, n_train_volumes=train_volumes, n_val_volumes=val_volumes,
                         n_test_volumes=test_volumes, slices_per_volume=slices_per_volume, size=size, coils=coils,
-                        noise=noise, seed=seed, orientations=tuple(o.strip() for o in orientations.split(",") if o.strip()),
-                        overwrite=overwrite, progress=True)
+                        noise=noise, seed=seed, overwrite=overwrite, progress=True,
+                        orientations=tuple(o.strip() for o in orientations.split(",") if o.strip()))
     for s in SPLITS:
         click.echo(f"{s}: {len(out[s])} volumes x {slices_per_volume} slices")
     click.echo(f"wrote {Path(out_dir) / 'demo_manifest.json'}")

@@ -56,6 +56,19 @@ def load_siat(data_dir: str | os.PathLike, indices=None) -> np.ndarray:
     return x.astype(np.complex64)
 
 
+def consecutive_correlation(data_dir: str | os.PathLike, step: int = 4) -> np.ndarray:
+    """Normalised correlation of the magnitudes of slices ``i`` and ``i + 1`` (every ``step``-th pixel),
+    ``(N - 1,)``: it drops (below about 0.45) where a new series starts, which is how ``SERIES_LENGTH``
+    was found (every multiple of 20)."""
+    f_ri = resolve_input(data_dir, SIAT_FILE)
+    ri = np.load(f_ri, mmap_mode="r")
+    m = np.abs(ri[:, ::step, ::step, 0].astype(np.float32) + 1j * ri[:, ::step, ::step, 1].astype(np.float32))
+    m = m.reshape(len(m), -1)
+    m -= m.mean(axis=1, keepdims=True)
+    m /= np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+    return np.sum(m[1:] * m[:-1], axis=1)
+
+
 def head_coil_maps(head_path: str | os.PathLike, size: int, *, coils: int = 8, calib: int = 24,
                    device=None) -> np.ndarray:
     """Coil sensitivities ``(coils, size, size)`` complex64 with ``sum_c |S_c|^2 = 1`` at every pixel.
@@ -213,15 +226,18 @@ def _split_option(text: str | None, kind: type):
 @click.argument("data_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--size", default=64, show_default=True, help="Output matrix size N (N x N); 64, 128 and 256 all work.")
-@click.option("--coils", default=8, show_default=True, help="Number of coils (fewer than 8: SVD coil compression of head.mat before ESPIRiT).")
+@click.option("--coils", default=8, show_default=True,
+              help="Number of coils (fewer than 8: SVD coil compression of head.mat before ESPIRiT).")
 @click.option("--noise", default=0.005, show_default=True,
               help="Added noise level: per-coil complex noise std sigma = NOISE x max|x| of each slice.")
 @click.option("--seed", default=0, show_default=True, help="Seed for the noise and the split shuffle.")
 @click.option("--slices", default=None, help="Original slice range 'start:stop' to use (default all 500).")
-@click.option("--volume-size", default=10, show_default=True, help="Slices per output volume (volumes never cross a series).")
+@click.option("--volume-size", default=10, show_default=True,
+              help="Slices per output volume (volumes never cross a series).")
 @click.option("--series-length", default=SERIES_LENGTH, show_default=True,
               help="Consecutive slices per series; whole series go to one split.")
-@click.option("--fractions", default="0.8,0.1,0.1", show_default=True, help="train,val,test fractions of the series.")
+@click.option("--fractions", default="0.8,0.1,0.1", show_default=True,
+              help="train,val,test fractions of the series.")
 @click.option("--counts", default=None, help="train,val,test numbers of series (overrides --fractions).")
 @click.option("--resample", "resample_method", type=click.Choice(["fourier", "interp"]), default="fourier",
               show_default=True, help="Resizing: k-space centre crop (fourier) or skimage resize of real/imag (interp).")

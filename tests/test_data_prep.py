@@ -128,9 +128,10 @@ def test_demo_is_deterministic(demo_dir, tmp_path):
     a, b = _kspaces(paths), _kspaces(again)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     # volume i of a split does not depend on how many other volumes there are
-    v = demo_data.demo_volume("train", 2, **{k: DEMO[k] for k in ("slices_per_volume", "size", "coils", "seed")})
+    opts = {k: DEMO[k] for k in ("slices_per_volume", "size", "coils")}
+    v = demo_data.demo_volume("train", 2, **opts, seed=DEMO["seed"])
     assert np.array_equal(v.kspace, a["train/demo_train_002.h5"])
-    other = demo_data.demo_volume("train", 2, **{**{k: DEMO[k] for k in ("slices_per_volume", "size", "coils")}, "seed": 4})
+    other = demo_data.demo_volume("train", 2, **opts, seed=DEMO["seed"] + 1)
     assert not np.allclose(other.kspace, v.kspace)
 
 
@@ -293,6 +294,16 @@ def test_siat_coil_images_are_maps_times_image_plus_noise(shared_data, siat_smal
     # the image really is the SIAT slice: the maps-combined coil images match it up to the noise
     combined = np.sum(np.conj(maps)[None] * ifft2c(k), axis=1)
     assert np.linalg.norm(combined - x) / np.linalg.norm(x) < 0.05
+
+
+@pytest.mark.shared_data
+def test_siat_series_length_matches_the_data(shared_data):
+    from data_prep.siat import SERIES_LENGTH, consecutive_correlation
+
+    c = consecutive_correlation(shared_data)
+    starts = np.arange(SERIES_LENGTH, len(c) + 1, SERIES_LENGTH)
+    assert c[starts - 1].max() < 0.45  # a new series starts at every multiple of SERIES_LENGTH ...
+    assert np.median(np.delete(c, starts - 1)) > 0.55  # ... while neighbours within a series correlate
 
 
 @pytest.mark.shared_data
