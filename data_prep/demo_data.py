@@ -390,6 +390,29 @@ def generate_demo(out_dir: str | os.PathLike, *, n_train_volumes: int = 24, n_va
     return out
 
 
+def existing_demo(out_dir: str | os.PathLike, *, n_train_volumes: int = 24, n_val_volumes: int = 3,
+                  n_test_volumes: int = 3, slices_per_volume: int = 10, size: int = 64, coils: int = 8,
+                  noise: float = 0.005, seed: int = 0, orientations=tuple(ORIENTATION_WEIGHTS)):
+    """``{split: [paths]}`` if ``out_dir`` already holds a finished :func:`generate_demo` run with exactly
+    these options (its ``demo_manifest.json``, written last, and every file), else ``None``: lets a caller
+    skip regeneration."""
+    import json
+
+    out_dir = Path(out_dir)
+    try:
+        manifest = json.loads((out_dir / "demo_manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    want = {"n_train_volumes": int(n_train_volumes), "n_val_volumes": int(n_val_volumes),
+            "n_test_volumes": int(n_test_volumes), "slices_per_volume": int(slices_per_volume), "size": int(size),
+            "coils": int(coils), "noise_level": float(noise), "seed": int(seed), "orientations": list(orientations)}
+    if manifest.get("format") != FORMAT or manifest.get("options") != want:
+        return None
+    counts = {"train": want["n_train_volumes"], "val": want["n_val_volumes"], "test": want["n_test_volumes"]}
+    paths = {s: [out_dir / s / volume_name(s, i) for i in range(counts[s])] for s in SPLITS}
+    return paths if all(p.is_file() for ps in paths.values() for p in ps) else None
+
+
 @click.command(name="demo")
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--train-volumes", default=24, show_default=True, help="Number of training volumes.")

@@ -135,6 +135,13 @@ def test_demo_is_deterministic(demo_dir, tmp_path):
     assert not np.allclose(other.kspace, v.kspace)
 
 
+def test_existing_demo_recognises_a_finished_run(demo_dir):
+    out, paths = demo_dir
+    assert demo_data.existing_demo(out, **DEMO) == paths
+    assert demo_data.existing_demo(out, **dict(DEMO, seed=4)) is None
+    assert demo_data.existing_demo(out / "nowhere", **DEMO) is None
+
+
 def test_demo_files_follow_the_fastmri_layout(demo_dir):
     out, paths = demo_dir
     assert [len(paths[s]) for s in common.SPLITS] == [3, 1, 1]
