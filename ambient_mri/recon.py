@@ -1,0 +1,474 @@
+"""``ambient-mri recon``: reconstruct undersampled scans with a diffusion prior or a classical method.
+
+Inputs: prepared val/test files (``ambient-mri prep``: k-space, mask and maps already there), or raw
+fastMRI-layout files, either already undersampled (test style, with ``mask``) or fully sampled and
+undersampled here (``--accel``, ``--mask-type``, ``--seed``); raw files are prepared in memory with the
+same code as ``prep`` (maps from the ACS block, ACS-RSS normalisation).
+
+Output, one ``.h5`` per input (fastMRI's reconstruction layout plus extras): ``reconstruction``
+``(S, H, W)`` float32 magnitude (the mean over ``--samples`` posterior samples), ``reconstruction_complex``
+``(S, H, W)`` complex64, ``std`` ``(S, H, W)`` float32 (per-pixel standard deviation of the complex
+samples, K > 1), ``data_consistency`` ``(S,)`` = ``||A x - y|| / ||y||``, ``slice_index``; attributes name
+the method, checkpoint, steps, NFEs, seed, seconds per slice and the units (``prepared``: the prepared
+data's normalised units; ``raw``: multiplied back by each slice's norm). Also a NIfTI magnitude volume
+and a PNG preview per input. Finished slices are kept under ``OUT/.partial/`` so an interrupted run
+resumes where it stopped; the ``.h5`` appears (atomically) only when every slice is done.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+import h5py
+import numpy as np
+
+from .errors import AmbientMRIError, ConfigError, DataError
+from .fsutil import atomic_path, claim
+
+MODEL_METHODS = ("adps", "aos", "fsdps", "dc")
+CLASSICAL = ("zf", "sense", "l1")
+METHODS = MODEL_METHODS + CLASSICAL
+
+
+@dataclass
+class Scan:
+    """One input volume, normalised: ``y`` ``(S, C, H, W)`` (or ``(S, H, W)`` image domain), ``maps`` or None,
+    ``mask`` ``(S, 1|H, W)``, ``norm`` ``(S,)``, ``slice_index``, ``units``, ``attrs``."""
+
+    path: Path
+    y: np.ndarray
+    maps: np.ndarray | None
+    mask: np.ndarray
+    norm: np.ndarray
+    slice_index: np.ndarray
+    units: str
+    attrs: dict = field(default_factory=dict)
+
+    @property
+    def shape(self):
+        return tuple(self.y.shape[-2:])
+
+
+def list_inputs(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(p for p in path.glob("*.h5") if not p.name.startswith("."))
+    if not files:
+        raise DataError("no .h5 files to reconstruct", path)
+    return files
+
+
+def is_prepared(path: Path) -> bool:
+    try:
+        with h5py.File(path, "r") as f:
+            return "mask" in f and ("maps" in f or "image" in f) and "split" in f.attrs
+    except OSError as e:
+        raise DataError(f"not a readable HDF5 file ({' '.join(str(e).split())[:120]})", path) from None
+
+
+def load_prepared(path: Path) -> Scan:
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()}
+        image = "image" in f
+        y = f["image" if image else "kspace"][()]
+        maps = None if image else f["maps"][()]
+        mask = f["mask"][()]
+        norm = f["norm"][()] if "norm" in f else np.ones(y.shape[0], np.float32)
+        idx = f["slice_index"][()] if "slice_index" in f else np.arange(y.shape[0])
+    return Scan(path, y, maps, mask, norm, idx, "prepared", attrs)
+
+
+def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, crop) -> Scan:
+    """Prepare a raw fastMRI file in memory (``prep.prepare_volume``)."""
+    from .fastmri_io import FastMRIVolume
+    from .prep import PrepOptions, prepare_volume
+
+    with FastMRIVolume(path) as vol:
+        if not vol.is_undersampled and accel is None:
+            raise ConfigError("this file is fully sampled: give --accel (and --mask-type) to undersample it", path)
+        opts = PrepOptions(split="test", accel=(float(accel or 4.0),), mask_type=mask_type, seed=seed,
+                           center_lines=center_lines, maps=maps_method, crop=crop)
+        arrays = prepare_volume(vol, opts.validate())
+    attrs = dict(arrays["attrs"])
+    return Scan(path, arrays["kspace"], arrays["maps"], arrays["mask"], np.asarray(arrays["norm"]),
+                arrays["slice_index"], "raw", attrs)
+
+
+def kspace_crop(scan: Scan, shape: tuple[int, int]) -> Scan:
+    """Crop the centre of k-space to ``shape`` (the whole field of view at a lower resolution), re-estimate
+    nothing: maps are low-passed the same way and re-normalised, the data re-normalised by the ACS norm."""
+    from .fft import fft2c, ifft2c
+
+    H, W = scan.shape
+    h, w = shape
+    if h > H or w > W:
+        raise ConfigError(f"cannot crop a {H}x{W} scan to the model's {h}x{w}: it is smaller", scan.path)
+    rows = slice(H // 2 - h // 2, H // 2 - h // 2 + h)
+    cols = slice(W // 2 - w // 2, W // 2 - w // 2 + w)
+    mask = scan.mask[..., cols] if scan.mask.shape[-2] == 1 else scan.mask[..., rows, cols]
+    y = scan.y[..., rows, cols]
+    maps = None
+    if scan.maps is not None:
+        maps = ifft2c(fft2c(scan.maps)[..., rows, cols])
+        maps = maps / np.maximum(np.sqrt((np.abs(maps) ** 2).sum(-3, keepdims=True)), 1e-6)
+        maps = maps.astype(np.complex64)
+    # orthonormal FFT: the image of a cropped k-space is sqrt(h w / H W) times as bright
+    scale = math.sqrt(H * W / (h * w))
+    return Scan(scan.path, (y * scale).astype(np.complex64), maps, mask, scan.norm / scale, scan.slice_index,
+                scan.units, dict(scan.attrs, kspace_crop=f"{H}x{W}->{h}x{w}"))
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Reconstructor:
+    """Reconstructs batches of slices with one method; holds the model (if any) and the options."""
+
+    method: str
+    denoiser: object = None
+    meta: dict | None = None
+    steps: int | None = None
+    samples: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    lam: float | None = None
+    sampler_kwargs: dict = field(default_factory=dict)
+    sense_iters: int = 30
+    l1_iters: int = 100
+
+    def nfe(self) -> int:
+        from .sampling import nfe
+
+        if self.method in CLASSICAL:
+            return 0
+        return nfe("adps" if self.method == "fsdps" else self.method, self.steps or self.default_steps())
+
+    def default_steps(self) -> int:
+        return {"adps": 500, "fsdps": 500, "aos": 1, "dc": 25}.get(self.method, 0)
+
+    def __call__(self, y, maps, mask, first_index: int):
+        """``y`` batch (numpy) -> (mean complex ``(B, H, W)``, std or None, data consistency ``(B,)``)."""
+        import torch
+
+        from . import baselines
+        from .operators import InpaintOp, SenseOp
+        from .sampling import posterior
+
+        dev = torch.device(self.device)
+        yt = torch.from_numpy(np.ascontiguousarray(y)).to(dev)
+        mt = torch.from_numpy(np.ascontiguousarray(mask)).to(dev).float()
+        st = None if maps is None else torch.from_numpy(np.ascontiguousarray(maps)).to(dev)
+        std = None
+        if self.method in MODEL_METHODS:
+            method = "adps" if self.method == "fsdps" else self.method
+            post = posterior(method, self.denoiser, self.meta["training"], yt, st, mt, samples=self.samples,
+                             seed=self.seed + first_index, steps=self.steps or self.default_steps(),
+                             **self.sampler_kwargs)
+            mean = post.mean
+            std = post.std if self.samples > 1 else None
+        elif maps is None:
+            raise ConfigError(f"--method {self.method} needs k-space data (this input is image-domain)")
+        elif self.method == "zf":
+            mean = baselines.zero_filled(yt, st, mt)
+        elif self.method == "sense":
+            mean = baselines.cg_sense(yt, st, mt, iters=self.sense_iters)
+        else:
+            mean = torch.cat([baselines.l1_wavelet(yt[b : b + 1], st[b : b + 1], mt[b : b + 1], self.lam,
+                                                   iters=self.l1_iters) for b in range(yt.shape[0])])
+        A = InpaintOp(mt, like=yt) if st is None else SenseOp(st, mt)
+        measured = A.mask * yt
+        r = A.forward(mean) - measured
+        dc = torch.linalg.vector_norm(r.flatten(1), dim=1) / torch.linalg.vector_norm(measured.flatten(1), dim=1)
+        out_std = None if std is None else std.cpu().numpy()
+        return mean.detach().cpu().numpy(), out_std, dc.detach().cpu().numpy()
+
+
+def _partial_dir(out: Path, stem: str) -> Path:
+    return out / ".partial" / stem
+
+
+def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, label: str, options: dict,
+                     nifti: bool = True, png: bool = True, progress=None) -> Path | None:
+    """Reconstruct every slice of ``scan`` (resuming from finished slices), then write the outputs."""
+    final = out / f"{scan.path.stem}.h5"
+    if final.exists():
+        return None
+    part = _partial_dir(out, scan.path.stem)
+    part.mkdir(parents=True, exist_ok=True)
+    S = scan.y.shape[0]
+    done = {int(p.stem[1:]) for p in part.glob("s*.npz")}
+    todo = [s for s in range(S) if s not in done]
+    for b0 in range(0, len(todo), batch):
+        idx = todo[b0 : b0 + batch]
+        t0 = time.perf_counter()
+        maps = None if scan.maps is None else scan.maps[idx]
+        mask = scan.mask[idx] if scan.mask.ndim == 3 else scan.mask
+        mean, std, dc = rec(scan.y[idx], maps, mask, first_index=int(scan.slice_index[idx[0]]))
+        sec = (time.perf_counter() - t0) / len(idx)
+        for j, s in enumerate(idx):
+            with atomic_path(part / f"s{s:05d}.npz", ".npz.tmp") as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez(f, mean=mean[j], std=std[j] if std is not None else np.zeros(0), dc=dc[j], seconds=sec)
+        if progress is not None:
+            progress.update(len(idx))
+            progress.set_postfix(s_per_slice=f"{sec:.2f}")
+    parts = [np.load(part / f"s{s:05d}.npz") for s in range(S)]
+    mean = np.stack([p["mean"] for p in parts])
+    std = np.stack([p["std"] for p in parts]) if parts[0]["std"].size else None
+    dc = np.array([float(p["dc"]) for p in parts])
+    seconds = float(np.mean([float(p["seconds"]) for p in parts]))
+    scale = scan.norm.reshape(-1, 1, 1) if scan.units == "raw" else 1.0
+    mean = (mean * scale).astype(np.complex64)
+    std = None if std is None else (std * scale).astype(np.float32)
+    attrs = {"method": rec.method, "label": label, "accel": _accel_label(scan), "units": scan.units,
+             "source": str(scan.path), "samples": rec.samples, "seed": rec.seed, "steps": rec.steps or rec.default_steps(),
+             "nfe": rec.nfe(), "seconds_per_slice": seconds, "options": json.dumps(options, default=str)}
+    if rec.meta is not None:
+        attrs["checkpoint"] = rec.meta["path"]
+        attrs["checkpoint_kind"] = rec.meta["training"].get("kind", "")
+        attrs["checkpoint_step"] = rec.meta["step"]
+    if rec.lam is not None:
+        attrs["lam"] = rec.lam
+    with atomic_path(final, ".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+        f["reconstruction"] = np.abs(mean).astype(np.float32)
+        f["reconstruction_complex"] = mean
+        if std is not None:
+            f["std"] = std
+        f["data_consistency"] = dc.astype(np.float32)
+        f["slice_index"] = scan.slice_index
+        f.attrs.update({k: v for k, v in attrs.items() if v is not None})
+    if nifti:
+        write_nifti(out / f"{scan.path.stem}.nii.gz", np.abs(mean))
+    if png:
+        write_preview(out / f"{scan.path.stem}.png", np.abs(mean), f"{label} R={attrs['accel']}")
+    shutil.rmtree(part, ignore_errors=True)
+    return final
+
+
+def _accel_label(scan: Scan) -> str:
+    a = scan.attrs.get("accel")
+    if a is None:
+        m = scan.mask
+        a = m.shape[-1] * m.shape[-2] / max(float(m.reshape(-1, m.shape[-2] * m.shape[-1]).sum(1).mean()), 1)
+    return f"{float(a):g}"
+
+
+def write_nifti(path: Path, vol: np.ndarray) -> None:
+    import nibabel as nib
+
+    img = nib.Nifti1Image(np.transpose(vol, (2, 1, 0)).astype(np.float32), np.eye(4))
+    with atomic_path(path, ".nii.gz") as tmp:
+        nib.save(img, str(tmp))
+
+
+def write_preview(path: Path, vol: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = min(4, vol.shape[0])
+    pick = np.linspace(0, vol.shape[0] - 1, n).round().astype(int)
+    fig, ax = plt.subplots(1, n, figsize=(2.4 * n, 2.6), squeeze=False)
+    vmax = float(np.percentile(vol, 99.5)) or 1.0
+    for a, s in zip(ax[0], pick):
+        a.imshow(vol[s], cmap="gray", vmin=0, vmax=vmax)
+        a.set_title(f"slice {s}", fontsize=8)
+        a.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, ".png.tmp") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+
+
+def parse_shard(spec: str | None) -> tuple[int, int]:
+    if spec is None:
+        return 0, 1
+    try:
+        i, n = (int(v) for v in spec.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard must look like i/n (got {spec!r})") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise ConfigError(f"--shard {spec}: need 0 <= i < n")
+    return i, n
+
+
+def tune_lambda(val_dir: Path, slices: int, l1_iters: int) -> dict:
+    """Choose the L1 weight on the first ``slices`` slices of a prepared VALIDATION folder (never test data)."""
+    from .baselines import choose_lambda
+
+    parts = {k: [] for k in ("kspace", "mask", "maps", "reference")}
+    n = 0
+    for p in list_inputs(val_dir):
+        with h5py.File(p, "r") as f:
+            if "reference" not in f or "kspace" not in f:
+                raise DataError("--tune-on needs a prepared val split (k-space with 'reference')", p)
+            take = min(f["kspace"].shape[0], slices - n)
+            for k in parts:
+                parts[k].append(f[k][:take])
+        n += take
+        if n >= slices:
+            break
+    y, m, s, r = (np.concatenate(parts[k]) for k in ("kspace", "mask", "maps", "reference"))
+    return choose_lambda(y, s, m, r, iters=l1_iters).as_dict()
+
+
+def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, seed=0, accel=None, mask_type="adps",
+              center_lines=None, batch=8, device="auto", lam=None, tune_on=None, tune_slices=8, step_size=None,
+              cg_iters=None, churn=None, shard=None, label=None, matrix="refuse", maps_method="espirit",
+              sense_iters=30, l1_iters=100, nifti=True, png=True, ema=True, quiet=False) -> list[Path]:
+    """Reconstruct every input file; returns the written outputs (skipping finished ones)."""
+    import torch
+    from tqdm import tqdm
+
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if samples < 1 or batch < 1:
+        raise ConfigError("--samples and --batch must be >= 1")
+    if accel is not None and not accel >= 1:
+        raise ConfigError(f"--accel must be >= 1 (got {accel})")
+    i_shard, n_shard = parse_shard(shard)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    denoiser = meta = None
+    if method in MODEL_METHODS:
+        if checkpoint is None:
+            raise ConfigError(f"--method {method} needs --checkpoint")
+        from .checkpoint import load_denoiser
+
+        denoiser, meta = load_denoiser(checkpoint, ema=ema, device=device)
+        for p in denoiser.parameters():
+            p.requires_grad_(False)
+        kind = meta["training"].get("kind", "")
+        if method == "fsdps" and kind != "oracle":
+            raise ConfigError(f"--method fsdps needs an oracle (FS-EDM) checkpoint; this one is {kind!r}", checkpoint)
+        if method == "adps" and kind == "oracle":
+            raise ConfigError("this is an oracle checkpoint: use --method fsdps", checkpoint)
+    elif method == "l1" and lam is None and tune_on is None:
+        raise ConfigError("--method l1 needs --lam or --tune-on VAL_PREPARED (a validation split, never the test data)")
+    lam_record = None
+    if method == "l1" and lam is None:
+        lam_record = tune_lambda(Path(tune_on), tune_slices, l1_iters)
+        lam = lam_record["lam"]
+    kwargs = {}
+    if step_size is not None:
+        kwargs["step_size"] = step_size
+    if cg_iters is not None:
+        kwargs["cg_iters"] = cg_iters
+    if churn is not None:
+        kwargs["churn"] = churn
+    allowed = {"adps": {"step_size"}, "fsdps": {"step_size"}, "dc": {"cg_iters", "churn"}}.get(method, set())
+    unused = set(kwargs) - allowed
+    if unused:
+        raise ConfigError(f"--{', --'.join(sorted(k.replace('_', '-') for k in unused))} not used by --method {method}")
+    rec = Reconstructor(method, denoiser, meta, steps, samples, seed, device, lam, kwargs, sense_iters, l1_iters)
+    files = list_inputs(Path(inputs))[i_shard::n_shard]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    options = {"method": method, "checkpoint": str(checkpoint) if checkpoint else None, "steps": rec.steps or rec.default_steps(),
+               "samples": samples, "seed": seed, "accel": accel, "mask_type": mask_type, "lam": lam,
+               "lam_choice": lam_record, "sampler": kwargs, "matrix": matrix, "shard": shard}
+    written = []
+    label = label or method
+    for p in files:
+        final = out / f"{p.stem}.h5"
+        if final.exists():
+            continue
+        with claim(final) as mine:
+            if not mine:
+                if not quiet:
+                    click.echo(f"skip {p.name}: another process is reconstructing it", err=True)
+                continue
+            if is_prepared(p):
+                scan = load_prepared(p)
+            else:
+                scan = load_raw(p, accel=accel, mask_type=mask_type, seed=seed, center_lines=center_lines,
+                                maps_method=maps_method, crop=None)
+            if meta is not None:
+                train_shape = tuple(meta["training"]["corruption"]["shape"])
+                if scan.shape != train_shape:
+                    if matrix == "refuse":
+                        raise ConfigError(f"scan matrix {scan.shape[0]}x{scan.shape[1]} differs from the model's "
+                                          f"{train_shape[0]}x{train_shape[1]}: use --matrix crop (k-space centre "
+                                          "crop to the model's matrix) or --matrix native (run the size-agnostic "
+                                          "network at the scan's own matrix, out of its training distribution)", p)
+                    if matrix == "crop":
+                        scan = kspace_crop(scan, train_shape)
+            bar = tqdm(total=scan.y.shape[0], desc=f"{method} {p.name}", unit="slice", disable=quiet, leave=False)
+            try:
+                res = reconstruct_file(rec, scan, out, batch=batch, label=label, options=options, nifti=nifti,
+                                       png=png, progress=bar)
+            finally:
+                bar.close()
+            if res is not None:
+                written.append(res)
+                if not quiet:
+                    with h5py.File(res) as f:
+                        click.echo(f"{res.name}: {f.attrs['seconds_per_slice']:.3f} s/slice, NFE {f.attrs['nfe']}, "
+                                   f"data consistency {float(np.mean(f['data_consistency'][()])):.4f}")
+    if lam_record is not None:
+        from .fsutil import write_json
+
+        write_json(out / "lambda_choice.json", lam_record)
+    return written
+
+
+@click.command(name="recon")
+@click.option("--input", "inputs", required=True, type=click.Path(exists=True),
+              help="A prepared val/test folder or file, or raw fastMRI-layout .h5 file(s) (folder or file).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (one .h5 per input).")
+@click.option("--method", required=True, type=click.Choice(METHODS),
+              help="adps: A-DPS (ambient model); fsdps: DPS with an oracle model; aos: one-step; dc: our fast "
+                   "Heun sampler with CG data consistency; zf: zero-filled A^H y; sense: CG-SENSE; l1: L1-wavelet.")
+@click.option("--checkpoint", type=click.Path(exists=True), help="Checkpoint (or run folder) for model methods.")
+@click.option("--steps", type=int, help="Sampler steps (default: 500 adps/fsdps, 25 dc).")
+@click.option("--samples", default=1, show_default=True, help="Posterior samples per scan (mean and std are saved).")
+@click.option("--seed", default=0, show_default=True, help="Sampler seed (and mask seed for --accel).")
+@click.option("--accel", type=float, help="Undersample fully sampled raw inputs at this acceleration.")
+@click.option("--mask-type", default="adps", show_default=True,
+              type=click.Choice(("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson")),
+              help="Mask for --accel.")
+@click.option("--center-lines", type=int, help="ACS lines (or calibration side for 2-D masks) for --accel.")
+@click.option("--batch", default=8, show_default=True, help="Slices reconstructed together.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--lam", type=float, help="L1-wavelet weight (or choose it with --tune-on).")
+@click.option("--tune-on", type=click.Path(exists=True, file_okay=False),
+              help="Prepared VALIDATION folder on which to choose the L1 weight (recorded in the outputs).")
+@click.option("--tune-slices", default=8, show_default=True, help="Validation slices used by --tune-on.")
+@click.option("--step-size", type=float, help="A-DPS/FS-DPS normalised step l (published: 1).")
+@click.option("--cg-iters", type=int, help="dc: CG iterations per evaluation (default 5).")
+@click.option("--churn", type=float, help="dc: EDM stochastic churn (default 0: deterministic given the seed).")
+@click.option("--shard", help="i/n: reconstruct every n-th input starting at i (run n processes; outputs merge "
+                              "into the same --out folder).")
+@click.option("--label", help="Name of this run in 'ambient-mri eval' tables (default: the method).")
+@click.option("--matrix", default="refuse", show_default=True, type=click.Choice(("refuse", "crop", "native")),
+              help="When the scan's matrix differs from the model's: refuse, crop k-space to the model's matrix, "
+                   "or run the size-agnostic network at the scan's matrix.")
+@click.option("--maps", "maps_method", default="espirit", show_default=True,
+              help="Coil-map method for raw inputs (espirit, lowres, espirit-torch).")
+@click.option("--sense-iters", default=30, show_default=True, help="CG-SENSE iterations.")
+@click.option("--l1-iters", default=100, show_default=True, help="L1-wavelet iterations.")
+@click.option("--nifti/--no-nifti", default=True, show_default=True, help="Also write a NIfTI magnitude volume.")
+@click.option("--png/--no-png", default=True, show_default=True, help="Also write a PNG preview.")
+@click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights of the checkpoint.")
+def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_type, center_lines, batch, device,
+            lam, tune_on, tune_slices, step_size, cg_iters, churn, shard, label, matrix, maps_method, sense_iters,
+            l1_iters, nifti, png, ema):
+    """Reconstruct undersampled scans; writes fastMRI-layout reconstructions (mean, std over samples, data
+    consistency), NIfTI volumes and PNG previews. Resumable per slice; --shard splits a folder over
+    processes or GPUs."""
+    written = run_recon(inputs, out, method, checkpoint=checkpoint, steps=steps, samples=samples, seed=seed,
+                        accel=accel, mask_type=mask_type, center_lines=center_lines, batch=batch, device=device,
+                        lam=lam, tune_on=tune_on, tune_slices=tune_slices, step_size=step_size, cg_iters=cg_iters,
+                        churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
+                        sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema)
+    click.echo(f"wrote {len(written)} reconstruction(s) to {out}")
