@@ -22,6 +22,7 @@ Per slice ``k`` ``(C, H, W)`` (:func:`prepare_slice`; :func:`prepare_volume` doe
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -326,10 +327,16 @@ def reference_image(kspace: np.ndarray, maps: np.ndarray, kind: str = "cg-sense"
 
 
 def _mask_acs(options: PrepOptions, shape: tuple[int, int]) -> tuple[int, int]:
-    """Fully sampled centre of the masks ``options`` draws on ``shape``: ``(1, n)`` lines or ``(n, n)``."""
+    """Fully sampled centre of the masks ``options`` draws on ``shape``: ``(1, n)`` lines or ``(n, n)``
+    (the same for every seed and acceleration)."""
+    return _mask_acs_cached(options.mask_type, tuple(shape), float(options.accel[0]), options.center_lines)
+
+
+@functools.lru_cache(maxsize=64)
+def _mask_acs_cached(kind, shape, accel, center):
     from .masks import kspace_mask
 
-    return tuple(kspace_mask(options.mask_type, shape, options.accel[0], center=options.center_lines, seed=0).acs)
+    return tuple(kspace_mask(kind, shape, accel, center=center, seed=0).acs)
 
 
 def resolve_calib(options: PrepOptions, acs: tuple[int, int] | None, shape: tuple[int, int],
@@ -396,11 +403,13 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
         k, m_in = crop_kspace(k, tuple(opts.crop), m_in)
     H, W = k.shape[-2:]
 
-    # calibration block
+    # sampling masks (drawn on the cropped matrix) and the calibration block they all share
+    drawn = {}
     if m_in is not None:
         acs = calibration_block(m_in)
     elif opts.domain == "kspace":
-        acs = _mask_acs(opts, (H, W))
+        drawn = {R: kspace_mask(opts.mask_type, (H, W), R, center=opts.center_lines, seed=seed) for R in opts.accel}
+        acs = tuple(drawn[opts.accel[0]].acs)
     else:
         acs = None
     calib = resolve_calib(opts, acs, (H, W), path if m_in is not None else None)
@@ -439,7 +448,7 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
         return out
     for R in opts.accel:
         if m_in is None:
-            sm = kspace_mask(opts.mask_type, (H, W), R, center=opts.center_lines, seed=seed)
+            sm = drawn[R]
             m, s, kind, nominal = sm.mask, sm.seed, sm.kind, float(R)
         else:
             m, s, kind = m_in, -1, "input"
