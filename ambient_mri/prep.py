@@ -30,6 +30,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -378,7 +379,7 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
     k = k.astype(np.complex64)
     C, H, W = k.shape
     single = C == 1 if single_coil is None else bool(single_coil)
-    warnings = []
+    notes = []
     if not np.isfinite(k).all():
         raise DataError("k-space holds NaN or Inf", path)
     m_in = None if mask is None else as_mask2d(mask, H, W)
@@ -394,7 +395,7 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
         if reason is None:
             k, whitened = k_w, True
         elif whiten == "try":
-            warnings.append(f"not prewhitened: {reason}")
+            notes.append(f"not prewhitened: {reason}")
         else:
             raise DataError(f"cannot prewhiten: {reason} (use --no-whiten)", path)
 
@@ -435,7 +436,7 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
     need_ref = m_in is None and (opts.split != "train" or opts.domain == "image")
     ref = reference_image(k, maps, opts.reference, opts.cg_iters) if need_ref else None
 
-    common = {"norm": np.float32(norm), "calib": calib, "whitened": whitened, "warnings": warnings,
+    common = {"norm": np.float32(norm), "calib": calib, "whitened": whitened, "warnings": notes,
               "shape": (H, W)}
     out = {}
     if opts.domain == "image":
@@ -608,7 +609,7 @@ def _meta(d: dict) -> dict:
 
 def _file_attrs(plan: VolumePlan, opts: PrepOptions, target, rows: list[dict], source_sha256) -> dict:
     first = _meta(rows[0])
-    warnings = list(plan.warnings) + sorted({w for r in rows for w in r["warnings"]})
+    notes = list(plan.warnings) + sorted({w for r in rows for w in r["warnings"]})
     attrs = {
         "format": FORMAT, "split": opts.split, "domain": opts.domain, "mask_kind": first["mask_kind"],
         "accel": float(first["accel"]), "acs": np.asarray(first["acs"], dtype=np.int64),
@@ -616,7 +617,7 @@ def _file_attrs(plan: VolumePlan, opts: PrepOptions, target, rows: list[dict], s
         "ambient_mri_version": __version__, "options": json.dumps(opts.to_json(), sort_keys=True),
         "whitened": np.array([bool(r["whitened"]) for r in rows]),
         "voxel_size_mm": np.asarray(plan.voxel_size_mm, dtype=np.float64),
-        "warnings": json.dumps(warnings),
+        "warnings": json.dumps(notes),
     }
     if source_sha256 is not None:
         attrs["source_sha256"] = source_sha256
@@ -679,30 +680,32 @@ def _write_volume_unit(unit: dict) -> dict:
             if not todo:
                 res["status"] = "busy" if res["busy"] else "skipped"
                 return res
-            with FastMRIVolume(src) as vol:
-                plan = plan_volume(vol, opts)
-                digest = sha256_file(src)
-                files = {}
-                for t, out in todo.items():
-                    tmp = stack.enter_context(atomic_path(out, ".h5.tmp"))
-                    files[t] = stack.enter_context(h5py.File(tmp, "w"))
-                bar = _bar(len(plan.indices), f"{src.name}", unit.get("progress") and unit.get("slice_bar"))
-                rows = {t: [] for t in todo}
-                for n, (i, per_target) in enumerate(iter_prepared(vol, opts, plan)):
-                    for t, f in files.items():
-                        d = per_target[t]
-                        if n == 0:
-                            _create_datasets(f, d, len(plan.indices))
-                        for key in _array_keys(d):
-                            f[key][n] = _stored(key, d)
-                        f["slice_index"][n] = i
-                        rows[t].append(_meta(d))
-                    bar.update(1)
-                bar.close()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # reported by the pre-flight, kept in the file
+                vol = stack.enter_context(FastMRIVolume(src))
+            plan = plan_volume(vol, opts)
+            digest = sha256_file(src)
+            files = {}
+            for t, out in todo.items():
+                tmp = stack.enter_context(atomic_path(out, ".h5.tmp"))
+                files[t] = stack.enter_context(h5py.File(tmp, "w"))
+            bar = _bar(len(plan.indices), f"{src.name}", unit.get("progress") and unit.get("slice_bar"))
+            rows = {t: [] for t in todo}
+            for n, (i, per_target) in enumerate(iter_prepared(vol, opts, plan)):
                 for t, f in files.items():
-                    for k, v in _file_attrs(plan, opts, t, rows[t], digest).items():
-                        f.attrs[k] = v
-            res["written"] = [os.fspath(o) for o in todo.values()]
+                    d = per_target[t]
+                    if n == 0:
+                        _create_datasets(f, d, len(plan.indices))
+                    for key in _array_keys(d):
+                        f[key][n] = _stored(key, d)
+                    f["slice_index"][n] = i
+                    rows[t].append(_meta(d))
+                bar.update(1)
+            bar.close()
+            for t, f in files.items():
+                for k, v in _file_attrs(plan, opts, t, rows[t], digest).items():
+                    f.attrs[k] = v
+        res["written"] = [os.fspath(o) for o in todo.values()]  # renamed into place when the stack closed
     except AmbientMRIError as e:
         res.update(status="failed", error=str(e))
     except Exception as e:  # an unexpected failure in one file must not stop the others
@@ -756,9 +759,9 @@ def build_manifest(folder: Path, options: PrepOptions, failed: list[dict]) -> di
         d.pop("attrs")
         d.pop("shapes")
         files.append(d)
+    with_ref = any(f["reference"] for f in files)
     return {"format": FORMAT, "split": options.split, "domain": options.domain, "ambient_mri_version": __version__,
-            "options": options.to_json(),
-            "reference_kind": options.reference if (options.split != "train" or options.domain == "image") else None,
+            "options": options.to_json(), "reference_kind": options.reference if with_ref else None,
             "files": files, "failed": failed}
 
 
@@ -851,8 +854,12 @@ def run_prep(input_path, output, options: PrepOptions, *, workers: int = 1, nift
     opts_json = options.to_json()
     for p in inputs:
         try:
-            with FastMRIVolume(p) as vol:
-                plan_volume(vol, options)
+            with warnings.catch_warnings():  # header problems: echoed once here, recorded in the output
+                warnings.simplefilter("ignore", UserWarning)
+                with FastMRIVolume(p) as vol:
+                    plan_volume(vol, options)
+                    for w in vol.warnings:
+                        echo(f"warning: {p}: {w}")
         except DataError as e:
             failed.append({"source": os.fspath(p), "error": str(e)})
             continue

@@ -231,6 +231,7 @@ def test_test_split_uses_the_inputs_own_masks_and_has_no_reference(raw, tmp_path
     res = prep(raw / "test", tmp_path / "t", split="test", accel=(4.0,), center_lines=None)
     assert not res.failed and checksums(raw / "test") == before
     m = json.loads((tmp_path / "t" / "manifest.json").read_text())
+    assert m["reference_kind"] is None
     by = {f["file"]: f for f in m["files"]}
     assert set(by) == {"lines.h5", "poisson.h5"} and all(f["reference"] is None for f in by.values())
     assert all(f["mask_seed"] == [-1] * S for f in by.values())
@@ -509,3 +510,18 @@ def test_maps_switch_espirit_torch_when_available():
 def test_estimate_maps_switch_rejects_unknown_methods():
     with pytest.raises(ConfigError, match="unknown maps method"):
         estimate_maps(np.zeros((1, 2, 8, 8), np.complex64), 4, "magic")
+
+
+def test_real_8coil_head_slice(shared_data, tmp_path):
+    """Real coil sensitivities and phase (../shared/data/head8ch): the val reference is the RSS image."""
+    import scipy.io
+
+    coil_img = np.moveaxis(scipy.io.loadmat(shared_data / "head8ch" / "head.mat")["data"], -1, 0)
+    write_volume(tmp_path / "raw" / "head.h5", fft2c(coil_img.astype(np.complex64))[None])
+    res = prep(tmp_path / "raw", tmp_path / "out", split="val", crop=None, center_lines=None, accel=(4.0,))
+    assert not res.failed
+    d, a = read(tmp_path / "out" / "head.h5")
+    assert a["calib"] == 16 and not a["whitened"].any()  # 256 / 16 ACS lines; header not oversampled
+    truth = rss(coil_img, dim=0) / d["norm"][0]
+    assert np.corrcoef(np.abs(d["reference"][0]).ravel(), truth.ravel())[0, 1] > 0.99
+    assert acs_rss_p99(d["kspace"][0], 16) == pytest.approx(1.0, rel=1e-4)
