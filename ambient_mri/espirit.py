@@ -34,7 +34,7 @@ from .masks import center_slice
 
 METHODS = ("power", "eigh")
 # bytes of per-pixel C x C matrices handled at once (the image-space step is chunked over rows)
-CHUNK_BYTES = {"cpu": 1 << 22, "cuda": 1 << 29}
+CHUNK_BYTES = {"cpu": 1 << 21, "cuda": 1 << 29}
 # bytes of calibration matrices handled at once (slices are grouped)
 CALIB_BYTES = 1 << 27
 

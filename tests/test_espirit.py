@@ -15,6 +15,22 @@ from ambient_mri.masks import acs_region, equispaced_lines
 from ambient_mri.operators import SenseOp, conjugate_gradient
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch and one BLAS thread: on the shared 2-core machine, two threads that wait for each other
+    under other users' load made these small problems up to 50x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # optional: only limits numpy's BLAS (sigpy)
+        yield
+    else:
+        with threadpool_limits(1):
+            yield
+    torch.set_num_threads(n)
+
+
 def simulated(n=64, C=8, seed=0, shift=0.0):
     """Phantom with smooth phase times birdcage maps (sum |S|^2 = 1); (kspace, maps, image, support)."""
     maps = sigpy.mri.birdcage_maps((C, n, n), r=1.2).astype(np.complex64)
