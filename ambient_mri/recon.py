@@ -460,9 +460,10 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
 @click.option("--nifti/--no-nifti", default=True, show_default=True, help="Also write a NIfTI magnitude volume.")
 @click.option("--png/--no-png", default=True, show_default=True, help="Also write a PNG preview.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights of the checkpoint.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-file lines.")
 def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_type, center_lines, batch, device,
             lam, tune_on, tune_slices, step_size, cg_iters, churn, shard, label, matrix, maps_method, sense_iters,
-            l1_iters, nifti, png, ema):
+            l1_iters, nifti, png, ema, quiet):
     """Reconstruct undersampled scans; writes fastMRI-layout reconstructions (mean, std over samples, data
     consistency), NIfTI volumes and PNG previews. Resumable per slice; --shard splits a folder over
     processes or GPUs."""
@@ -470,5 +471,6 @@ def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_t
                         accel=accel, mask_type=mask_type, center_lines=center_lines, batch=batch, device=device,
                         lam=lam, tune_on=tune_on, tune_slices=tune_slices, step_size=step_size, cg_iters=cg_iters,
                         churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
-                        sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema)
-    click.echo(f"wrote {len(written)} reconstruction(s) to {out}")
+                        sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema, quiet=quiet)
+    if not quiet:
+        click.echo(f"wrote {len(written)} reconstruction(s) to {out}")
