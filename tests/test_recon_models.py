@@ -1,0 +1,97 @@
+"""ambient-mri recon with model methods, on a tiny model trained here on undersampled data only."""
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from ambient_mri.errors import ConfigError
+from ambient_mri.prep import PrepOptions, run_prep
+from ambient_mri.recon import run_recon
+from ambient_mri.train import train
+from tests.test_recon import N, raw_volume
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("recon_models")
+    for i in range(3):
+        raw_volume(root / "raw_train" / f"t{i}.h5", slices=4, seed=10 + i)
+    raw_volume(root / "raw_test" / "vol0.h5", slices=2, seed=0)
+    quiet = dict(progress=False, echo=lambda m: None)
+    common = dict(mask_type="poisson", maps="lowres", calib=8)
+    run_prep(root / "raw_train", root / "train", PrepOptions(split="train", accel=(4.0,), **common), **quiet)
+    run_prep(root / "raw_train", root / "train_ref", PrepOptions(split="val", accel=(4.0,), **common), **quiet)
+    run_prep(root / "raw_test", root / "test", PrepOptions(split="test", accel=(4.0,), seed=5, **common), **quiet)
+    train("tiny", root / "train", root / "amb", overrides=["train.steps=30"], **quiet)
+    train("tiny", root / "train_ref", root / "oracle", overrides=["train.steps=30", "loss.kind=oracle"], **quiet)
+    return root
+
+
+def read(p):
+    with h5py.File(p) as f:
+        return {k: f[k][()] for k in f}, dict(f.attrs)
+
+
+def test_model_methods_shapes_seed_and_data_consistency(setup, tmp_path):
+    root = setup
+    run_recon(root / "test", tmp_path / "zf", "zf", quiet=True)
+    zf, _ = read(tmp_path / "zf" / "vol0.h5")
+    out = {}
+    for method, kw in [("dc", dict(steps=4)), ("adps", dict(steps=8, step_size=0.2)), ("aos", {})]:
+        run_recon(root / "test", tmp_path / method, method, checkpoint=root / "amb" / "checkpoint.pt", samples=2,
+                  quiet=True, **kw)
+        arrays, attrs = read(tmp_path / method / "vol0.h5")
+        assert arrays["reconstruction"].shape == (2, N, N) and np.isfinite(arrays["reconstruction"]).all()
+        assert arrays["std"].shape == (2, N, N)
+        assert attrs["checkpoint_kind"] == "ambient" and attrs["nfe"] == {"dc": 7, "adps": 8, "aos": 1}[method]
+        out[method] = arrays
+    # CG data consistency: far closer to the measurements than the zero-filled image
+    assert np.all(out["dc"]["data_consistency"] < 0.5 * zf["data_consistency"])
+    assert out["dc"]["std"].mean() > 0
+    # the same seed gives the same samples
+    run_recon(root / "test", tmp_path / "dc_again", "dc", checkpoint=root / "amb", samples=2, steps=4, quiet=True)
+    again, _ = read(tmp_path / "dc_again" / "vol0.h5")
+    np.testing.assert_array_equal(again["reconstruction"], out["dc"]["reconstruction"])
+    run_recon(root / "test", tmp_path / "dc_seed", "dc", checkpoint=root / "amb", samples=2, steps=4, seed=3,
+              quiet=True)
+    other, _ = read(tmp_path / "dc_seed" / "vol0.h5")
+    assert not np.array_equal(other["reconstruction"], out["dc"]["reconstruction"])
+
+
+def test_oracle_runs_as_fsdps_only(setup, tmp_path):
+    root = setup
+    with pytest.raises(ConfigError, match="fsdps"):
+        run_recon(root / "test", tmp_path / "x", "adps", checkpoint=root / "oracle" / "checkpoint.pt", quiet=True)
+    with pytest.raises(ConfigError, match="oracle"):
+        run_recon(root / "test", tmp_path / "y", "fsdps", checkpoint=root / "amb" / "checkpoint.pt", quiet=True)
+    run_recon(root / "test", tmp_path / "fs", "fsdps", checkpoint=root / "oracle" / "checkpoint.pt", steps=6,
+              step_size=0.2, quiet=True)
+    arrays, attrs = read(tmp_path / "fs" / "vol0.h5")
+    assert attrs["checkpoint_kind"] == "oracle" and arrays["reconstruction"].shape == (2, N, N)
+
+
+def test_matrix_mismatch_refused_or_cropped(setup, tmp_path):
+    root = setup
+    raw_volume(root / "big" / "big.h5", slices=1, seed=3)
+    # a 48 x 48 scan of the same object (zero-padded image)
+
+    from ambient_mri.fastmri_io import write_volume
+    from ambient_mri.fft import fft2c, ifft2c
+
+    with h5py.File(root / "big" / "big.h5") as f:
+        k = f["kspace"][()]
+    img = np.pad(ifft2c(k), ((0, 0), (0, 0), (8, 8), (8, 8)))
+    write_volume(root / "big48" / "big.h5", fft2c(img))
+    with pytest.raises(ConfigError, match="differs from the model"):
+        run_recon(root / "big48", tmp_path / "a", "dc", checkpoint=root / "amb", accel=4, mask_type="poisson",
+                  maps_method="lowres", steps=3, quiet=True)
+    run_recon(root / "big48", tmp_path / "b", "dc", checkpoint=root / "amb", accel=4, mask_type="poisson",
+              maps_method="lowres", steps=3, matrix="crop", quiet=True)
+    arrays, attrs = read(tmp_path / "b" / "big.h5")
+    assert arrays["reconstruction"].shape == (1, N, N)
+    run_recon(root / "big48", tmp_path / "c", "dc", checkpoint=root / "amb", accel=4, mask_type="poisson",
+              maps_method="lowres", steps=3, matrix="native", quiet=True)
+    arrays, _ = read(tmp_path / "c" / "big.h5")
+    assert arrays["reconstruction"].shape == (1, 48, 48)
