@@ -125,6 +125,12 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data, redraw)
     assert [r["loss"] for r in metrics(tmp_path / "half")] == [r["loss"] for r in metrics(tmp_path / "full")]
 
 
+def test_loader_workers_and_lazy_reading_do_not_change_the_result(tmp_path, data):
+    a = run(tmp_path / "a", data["train"], "train.steps=6")
+    b = run(tmp_path / "b", data["train"], "train.steps=6", "train.num_workers=2", "data.cache_mb=0")
+    assert a["params_sha256"] == b["params_sha256"]
+
+
 def test_further_mask_redrawn_every_step_or_fixed_per_slice(tmp_path, data, monkeypatch):
     seen = []
     orig = losses.ambient_kspace_loss
