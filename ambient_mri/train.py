@@ -722,7 +722,7 @@ def _train_loop(cfg, dataset, info, corruption, data, out, env, device, ck, init
 
 @click.command(context_settings={"ignore_unknown_options": False})
 @click.option("--config", "-c", "config", default=None,
-              help="YAML config: a file, or a packaged name (tiny, cpu64, fastmri_brain, block64). Optional with --resume "
+              help="YAML config: a file, or a packaged name (tiny, cpu64, block64, demo, fastmri_brain). Optional with --resume "
                    "(the checkpoint's config is used).")
 @click.option("--data", "-d", "data", default=None, type=click.Path(file_okay=False),
               help="Prepared dataset folder (ambient-mri prep output with manifest.json). Train split for ambient and "
