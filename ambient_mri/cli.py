@@ -62,7 +62,7 @@ def cli():
 
 def main(argv=None):
     try:
-        cli.main(args=argv, prog_name="ambient-mri", standalone_mode=False)
+        rv = cli.main(args=argv, prog_name="ambient-mri", standalone_mode=False)
     except AmbientMRIError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)
@@ -74,7 +74,7 @@ def main(argv=None):
         sys.exit(e.exit_code)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
-    sys.exit(0)
+    sys.exit(rv if isinstance(rv, int) else 0)  # ctx.exit(code) comes back as the return value here
 
 
 if __name__ == "__main__":
