@@ -30,7 +30,7 @@ import h5py
 import numpy as np
 
 from .errors import AmbientMRIError, ConfigError, DataError
-from .fsutil import atomic_path, claim
+from .fsutil import atomic_h5, atomic_path, claim
 
 MODEL_METHODS = ("adps", "aos", "fsdps", "dc")
 CLASSICAL = ("zf", "sense", "l1")
@@ -69,19 +69,45 @@ def is_prepared(path: Path) -> bool:
     try:
         with h5py.File(path, "r") as f:
             return "mask" in f and ("maps" in f or "image" in f) and "split" in f.attrs
-    except OSError as e:
+    except (OSError, RuntimeError, KeyError, ValueError) as e:  # not HDF5, truncated, damaged structure
         raise DataError(f"not a readable HDF5 file ({' '.join(str(e).split())[:120]})", path) from None
 
 
 def load_prepared(path: Path) -> Scan:
-    with h5py.File(path, "r") as f:
-        attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()}
-        image = "image" in f
-        y = f["image" if image else "kspace"][()]
-        maps = None if image else f["maps"][()]
-        mask = f["mask"][()]
-        norm = f["norm"][()] if "norm" in f else np.ones(y.shape[0], np.float32)
-        idx = f["slice_index"][()] if "slice_index" in f else np.arange(y.shape[0])
+    """A prepared val/test file (``docs/data_format.md``); a missing key, a damaged file, shapes that do not
+    fit together or NaN/Inf raise a one-line :class:`DataError`."""
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()}
+            image = "image" in f
+            key = "image" if image else "kspace"
+            for k in (key, "mask") + (() if image else ("maps",)):
+                if k not in f:
+                    raise DataError(f"prepared file has no {k!r}", path)
+            y = f[key][()]
+            maps = None if image else f["maps"][()]
+            mask = f["mask"][()]
+            norm = f["norm"][()] if "norm" in f else np.ones(y.shape[0], np.float32)
+            idx = f["slice_index"][()] if "slice_index" in f else np.arange(y.shape[0])
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
+        raise DataError(f"cannot read the prepared file ({' '.join(str(e).split())[:120]})", path) from None
+    rank = 3 if image else 4
+    if y.ndim != rank or y.dtype.kind != "c" or 0 in y.shape:
+        raise DataError(f"{key!r} must be complex with shape {'(S, H, W)' if image else '(S, C, H, W)'}, got "
+                        f"{y.dtype} {y.shape}", path)
+    S, (H, W) = y.shape[0], y.shape[-2:]
+    if maps is not None and maps.shape != y.shape:
+        raise DataError(f"'maps' shape {maps.shape} differs from 'kspace' shape {y.shape}", path)
+    if mask.ndim != 3 or mask.shape[0] != S or mask.shape[1:] not in ((1, W), (H, W)):
+        raise DataError(f"'mask' shape {mask.shape} does not fit {key!r} {y.shape} (expected (S, 1, W) or (S, H, W))",
+                        path)
+    if not np.asarray(mask, dtype=bool).reshape(S, -1).any(axis=1).all():
+        raise DataError("a slice's sampling mask is empty", path)
+    if np.shape(norm) != (S,) or np.shape(idx) != (S,):
+        raise DataError(f"'norm' / 'slice_index' must have one value per slice ({S})", path)
+    for name, a in (("kspace" if not image else "image", y), ("maps", maps), ("norm", norm)):
+        if a is not None and not np.isfinite(a).all():
+            raise DataError(f"{name!r} holds NaN or Inf", path)
     return Scan(path, y, maps, mask, norm, idx, "prepared", attrs)
 
 
@@ -198,22 +224,37 @@ def _partial_dir(out: Path, stem: str) -> Path:
 def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, label: str, options: dict,
                      nifti: bool = True, png: bool = True, progress=None) -> Path | None:
     """Reconstruct every slice of ``scan`` (resuming from finished slices), then write the outputs."""
+    from .fsutil import make_dir
+
     final = out / f"{scan.path.stem}.h5"
     if final.exists():
         return None
     part = _partial_dir(out, scan.path.stem)
-    part.mkdir(parents=True, exist_ok=True)
+    # finished slices are reused only by a run with the same options and batch (the batch fixes the seeds)
+    stamp = json.dumps(dict({k: v for k, v in options.items() if k != "shard"}, batch=batch), sort_keys=True,
+                       default=str)
+    if (part / "options.json").is_file() and (part / "options.json").read_text() != stamp:
+        shutil.rmtree(part, ignore_errors=True)
+    make_dir(part)
+    if not (part / "options.json").is_file():
+        with atomic_path(part / "options.json", ".json.tmp") as tmp:
+            tmp.write_text(stamp)
     S = scan.y.shape[0]
     done = {int(p.stem[1:]) for p in part.glob("s*.npz")}
-    todo = [s for s in range(S) if s not in done]
-    for b0 in range(0, len(todo), batch):
-        idx = todo[b0 : b0 + batch]
+    # batches on the fixed grid 0, batch, 2 batch, ...: a resumed run redraws exactly the batches (and
+    # seeds) of an uninterrupted one, so it gives the same slices bit for bit
+    for b0 in range(0, S, batch):
+        idx = list(range(b0, min(b0 + batch, S)))
+        if all(s in done for s in idx):
+            continue
         t0 = time.perf_counter()
         maps = None if scan.maps is None else scan.maps[idx]
         mask = scan.mask[idx] if scan.mask.ndim == 3 else scan.mask
         mean, std, dc = rec(scan.y[idx], maps, mask, first_index=int(scan.slice_index[idx[0]]))
         sec = (time.perf_counter() - t0) / len(idx)
         for j, s in enumerate(idx):
+            if s in done:
+                continue
             with atomic_path(part / f"s{s:05d}.npz", ".npz.tmp") as tmp:
                 with open(tmp, "wb") as f:
                     np.savez(f, mean=mean[j], std=std[j] if std is not None else np.zeros(0), dc=dc[j], seconds=sec)
@@ -237,7 +278,11 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
         attrs["checkpoint_step"] = rec.meta["step"]
     if rec.lam is not None:
         attrs["lam"] = rec.lam
-    with atomic_path(final, ".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+    if nifti:  # the by-products first: the .h5, written last, marks the file as finished
+        write_nifti(out / f"{scan.path.stem}.nii.gz", np.abs(mean))
+    if png:
+        write_preview(out / f"{scan.path.stem}.png", np.abs(mean), f"{label} R={attrs['accel']}")
+    with atomic_h5(final) as f:
         f["reconstruction"] = np.abs(mean).astype(np.float32)
         f["reconstruction_complex"] = mean
         if std is not None:
@@ -245,10 +290,6 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
         f["data_consistency"] = dc.astype(np.float32)
         f["slice_index"] = scan.slice_index
         f.attrs.update({k: v for k, v in attrs.items() if v is not None})
-    if nifti:
-        write_nifti(out / f"{scan.path.stem}.nii.gz", np.abs(mean))
-    if png:
-        write_preview(out / f"{scan.path.stem}.png", np.abs(mean), f"{label} R={attrs['accel']}")
     shutil.rmtree(part, ignore_errors=True)
     return final
 
@@ -302,7 +343,7 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
     return i, n
 
 
-def tune_lambda(val_dir: Path, slices: int, l1_iters: int) -> dict:
+def tune_lambda(val_dir: Path, slices: int, l1_iters: int, candidates=None) -> dict:
     """Choose the L1 weight on the first ``slices`` slices of a prepared VALIDATION folder (never test data)."""
     from .baselines import choose_lambda
 
@@ -319,7 +360,8 @@ def tune_lambda(val_dir: Path, slices: int, l1_iters: int) -> dict:
         if n >= slices:
             break
     y, m, s, r = (np.concatenate(parts[k]) for k in ("kspace", "mask", "maps", "reference"))
-    return choose_lambda(y, s, m, r, iters=l1_iters).as_dict()
+    kw = {} if candidates is None else {"candidates": candidates}
+    return choose_lambda(y, s, m, r, iters=l1_iters, **kw).as_dict()
 
 
 def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, seed=0, accel=None, mask_type="adps",
@@ -373,26 +415,36 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     rec = Reconstructor(method, denoiser, meta, steps, samples, seed, device, lam, kwargs, sense_iters, l1_iters)
     files = list_inputs(Path(inputs))[i_shard::n_shard]
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() in {p.parent.resolve() for p in files}:
+        raise ConfigError("--out is the input folder (inputs are never overwritten)", out)
+    from .fsutil import make_dir
+
+    make_dir(out)
     options = {"method": method, "checkpoint": str(checkpoint) if checkpoint else None, "steps": rec.steps or rec.default_steps(),
                "samples": samples, "seed": seed, "accel": accel, "mask_type": mask_type, "lam": lam,
                "lam_choice": lam_record, "sampler": kwargs, "matrix": matrix, "shard": shard}
-    written = []
+    written, failed = [], []
     label = label or method
     for p in files:
         final = out / f"{p.stem}.h5"
         if final.exists():
+            shutil.rmtree(_partial_dir(out, p.stem), ignore_errors=True)  # left by a run killed after finishing
             continue
         with claim(final) as mine:
             if not mine:
                 if not quiet:
                     click.echo(f"skip {p.name}: another process is reconstructing it", err=True)
                 continue
-            if is_prepared(p):
-                scan = load_prepared(p)
-            else:
-                scan = load_raw(p, accel=accel, mask_type=mask_type, seed=seed, center_lines=center_lines,
-                                maps_method=maps_method, crop=None)
+            try:
+                if is_prepared(p):
+                    scan = load_prepared(p)
+                else:
+                    scan = load_raw(p, accel=accel, mask_type=mask_type, seed=seed, center_lines=center_lines,
+                                    maps_method=maps_method, crop=None)
+            except DataError as e:  # a bad input file: report it, reconstruct the others
+                failed.append(str(e))
+                click.echo(f"failed: {e}", err=True)
+                continue
             if meta is not None:
                 train_shape = tuple(meta["training"]["corruption"]["shape"])
                 if scan.shape != train_shape:
@@ -419,6 +471,9 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         from .fsutil import write_json
 
         write_json(out / "lambda_choice.json", lam_record)
+    if failed:
+        raise DataError(f"{len(failed)} of {len(files)} input file(s) failed (the others were reconstructed); "
+                        f"first: {failed[0]}")
     return written
 
 

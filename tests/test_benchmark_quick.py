@@ -1,0 +1,24 @@
+"""The benchmark's --quick mode end to end on ../shared/data (skipped when the data are absent)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_siat_benchmark_quick(shared_data, tmp_path):
+    out = tmp_path / "bench"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "siat_benchmark.py"), "--out", str(out), "--quick",
+                        "--shared", str(shared_data)], capture_output=True, text=True, env=env, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    report = (out / "benchmarks.md").read_text()
+    for needle in ("QUICK", "## Test R8, sub", "## Test R12, sub", "| adps | 8 |", "| fsdps | 12 |",
+                   "| naive-dps | 8 |", "| dc | 12 |", "| l1 | 8 |", "## Memorisation", "| oracle |"):
+        assert needle in report, needle
+    assert "ambient-mri train --config cpu64" in (out / "commands.log").read_text()
