@@ -32,6 +32,13 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
+def loss_weight(denoiser, sigma: torch.Tensor) -> torch.Tensor:
+    """``lambda(sigma_eff)`` for ``denoiser``: EDM's weight at the noise level its preconditioning assumes
+    (``sigma`` itself unless it has ``sigma_view > 0``, see ``networks.EDMDenoiser``)."""
+    sigma_eff = getattr(denoiser, "sigma_eff", None)
+    return edm_weight(sigma_eff(sigma) if sigma_eff else sigma, denoiser.sigma_data)
+
+
 def _complex_noise(like: torch.Tensor, generator=None) -> torch.Tensor:
     """Circular complex Gaussian with unit variance per real component (EDM's ``eta`` on [Re, Im])."""
     re = torch.randn(like.shape, generator=generator, device=like.device)
@@ -71,7 +78,7 @@ def ambient_kspace_loss(denoiser, y: torch.Tensor, mask: torch.Tensor, maps: tor
     elif domain != "kspace":
         raise ValueError(f"domain must be 'kspace' or 'image', got {domain!r}")
     H, W = y.shape[-2:]
-    return edm_weight(sigma, denoiser.sigma_data) * r.abs().pow(2).flatten(1).sum(1) / (H * W)
+    return loss_weight(denoiser, sigma) * r.abs().pow(2).flatten(1).sum(1) / (H * W)
 
 
 def ambient_image_loss(denoiser, y: torch.Tensor, mask: torch.Tensor, further_mask: torch.Tensor,
@@ -83,7 +90,7 @@ def ambient_image_loss(denoiser, y: torch.Tensor, mask: torch.Tensor, further_ma
     x_in = further_mask * (y + sigma[:, None, None] * eta)
     D = denoiser(x_in, sigma, further_mask)
     H, W = y.shape[-2:]
-    return edm_weight(sigma, denoiser.sigma_data) * (mask * (D - y)).abs().pow(2).flatten(1).sum(1) / (H * W)
+    return loss_weight(denoiser, sigma) * (mask * (D - y)).abs().pow(2).flatten(1).sum(1) / (H * W)
 
 
 def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, eta: torch.Tensor | None = None,
@@ -95,4 +102,4 @@ def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, eta: torch.Tenso
         eta = _complex_noise(x, generator)
     D = denoiser(x + sigma[:, None, None] * eta, sigma, None)
     H, W = x.shape[-2:]
-    return edm_weight(sigma, denoiser.sigma_data) * (D - x).abs().pow(2).flatten(1).sum(1) / (H * W)
+    return loss_weight(denoiser, sigma) * (D - x).abs().pow(2).flatten(1).sum(1) / (H * W)

@@ -7,6 +7,15 @@
 Images are complex ``(B, H, W)``; the network sees ``[Re, Im]`` plus conditioning channels (the
 further-corruption mask ``M~`` broadcast to ``(H, W)``, and/or a constant channel) and returns
 ``[Re, Im]`` of the clean-image estimate. The conditioning channels are not scaled by ``c_in``.
+
+``sigma_view`` (default 0: plain EDM) is an option for ambient models: their input ``A~^H A~ x_t`` misses
+the k-space removed by ``M~`` even as ``sigma -> 0``, so the part ``D`` must add does not vanish with
+``sigma`` while EDM's ``c_out -> sigma`` does, and ``F_theta`` must output ``O(1 / sigma)`` values at low
+noise. With ``sigma_view > 0`` the coefficients use ``sigma_eff = sqrt(sigma^2 + sigma_view^2)`` (the
+missing part counted as extra noise of RMS ``sigma_view``), ``c_noise`` keeps ``ln(sigma) / 4``, and the
+loss weight is ``lambda(sigma_eff)`` (``losses.loss_weight``), so ``F_theta``'s target stays of unit
+scale. The weight and the coefficients depend on ``sigma`` only, so the minimiser (``E[x0 | A~ x_t, A~]``)
+is unchanged.
 """
 
 from __future__ import annotations
@@ -157,22 +166,27 @@ class EDMDenoiser(nn.Module):
     mask counts as fully observed (ones).
     """
 
-    def __init__(self, net: nn.Module, sigma_data: float = 0.5, cond=("mask",)):
+    def __init__(self, net: nn.Module, sigma_data: float = 0.5, cond=("mask",), sigma_view: float = 0.0):
         super().__init__()
         unknown = set(cond) - set(COND_CHANNELS)
         if unknown:
             raise ValueError(f"unknown conditioning channels {sorted(unknown)}")
         self.net = net
         self.sigma_data = float(sigma_data)
+        self.sigma_view = float(sigma_view)
         self.cond = tuple(cond)
+
+    def sigma_eff(self, sigma: torch.Tensor) -> torch.Tensor:
+        """``sqrt(sigma^2 + sigma_view^2)``: the noise level the preconditioning assumes."""
+        return (sigma**2 + self.sigma_view**2).sqrt() if self.sigma_view else sigma
 
     def forward(self, x_in: torch.Tensor, sigma, mask: torch.Tensor | None = None) -> torch.Tensor:
         B, H, W = x_in.shape
         sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x_in.device).reshape(-1).expand(B)
-        sd = self.sigma_data
-        c_skip = sd**2 / (sigma**2 + sd**2)
-        c_out = sigma * sd / (sigma**2 + sd**2).sqrt()
-        c_in = 1 / (sigma**2 + sd**2).sqrt()
+        sd, se = self.sigma_data, self.sigma_eff(sigma)
+        c_skip = sd**2 / (se**2 + sd**2)
+        c_out = se * sd / (se**2 + sd**2).sqrt()
+        c_in = 1 / (se**2 + sd**2).sqrt()
         c_noise = sigma.log() / 4
         chans = [to_channels(x_in) * c_in[:, None, None, None]]
         for name in self.cond:
@@ -187,9 +201,10 @@ class EDMDenoiser(nn.Module):
 
 def build_denoiser(cfg: dict) -> EDMDenoiser:
     """Build from a config's ``model`` section: ``channels``, ``blocks``, ``attention``, ``dropout``,
-    ``groups``, ``sigma_data``, ``cond``."""
+    ``groups``, ``sigma_data``, ``cond``, ``sigma_view``."""
     cond = tuple(cfg.get("cond", ("mask",)))
     net = UNet(in_channels=2 + len(cond), out_channels=2, channels=tuple(cfg.get("channels", (32, 64, 64))),
                blocks=int(cfg.get("blocks", 1)), attention=tuple(cfg.get("attention", ())),
                dropout=float(cfg.get("dropout", 0.0)), groups=int(cfg.get("groups", 8)))
-    return EDMDenoiser(net, sigma_data=float(cfg.get("sigma_data", 0.5)), cond=cond)
+    return EDMDenoiser(net, sigma_data=float(cfg.get("sigma_data", 0.5)), cond=cond,
+                       sigma_view=float(cfg.get("sigma_view", 0.0)))

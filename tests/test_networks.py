@@ -1,0 +1,74 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ambient_mri.losses import edm_weight, loss_weight
+from ambient_mri.networks import EDMDenoiser, UNet, build_denoiser
+
+
+class Probe(nn.Module):
+    """A 'network' that records its input and returns a constant output F = 1 (real channel)."""
+
+    def forward(self, x, c_noise):
+        self.x, self.c_noise = x, c_noise
+        out = torch.zeros(x.shape[0], 2, *x.shape[-2:])
+        out[:, 0] = 1.0
+        return out
+
+
+@pytest.mark.parametrize("sigma_view", [0.0, 0.3])
+def test_preconditioning_coefficients(sigma_view):
+    net = Probe()
+    D = EDMDenoiser(net, sigma_data=0.5, cond=("mask", "ones"), sigma_view=sigma_view)
+    x = torch.full((2, 4, 6), 2.0 + 1.0j)
+    sigma = torch.tensor([0.1, 2.0])
+    mask = torch.ones(2, 1, 6)
+    mask[:, :, 0] = 0
+    out = D(x, sigma, mask)
+    se = torch.sqrt(sigma**2 + sigma_view**2)
+    c_skip = 0.25 / (se**2 + 0.25)
+    c_out = se * 0.5 / torch.sqrt(se**2 + 0.25)
+    c_in = 1 / torch.sqrt(se**2 + 0.25)
+    expect = c_skip[:, None, None] * x + c_out[:, None, None] * (1.0 + 0j)
+    assert torch.allclose(out, expect)
+    assert torch.allclose(net.x[:, 0], 2.0 * c_in[:, None, None].expand(2, 4, 6))  # Re, scaled by c_in
+    assert torch.allclose(net.x[:, 1], 1.0 * c_in[:, None, None].expand(2, 4, 6))  # Im
+    assert torch.equal(net.x[:, 2], mask.expand(2, 4, 6)) and torch.all(net.x[:, 3] == 1)  # not scaled
+    assert torch.allclose(net.c_noise, sigma.log() / 4)  # the true noise level, also with sigma_view
+    # the loss weight makes F's target unit-scaled: lambda(sigma_eff) c_out^2 = 1
+    assert torch.allclose(loss_weight(D, sigma) * c_out**2, torch.ones(2))
+    if sigma_view == 0:
+        assert torch.allclose(loss_weight(D, sigma), edm_weight(sigma, 0.5))
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (50, 70), (33, 17)])
+def test_unet_is_size_agnostic_and_starts_as_identity_skip(shape):
+    D = build_denoiser({"channels": [8, 16, 16], "groups": 4, "attention": [2], "dropout": 0.1})
+    x = torch.randn(2, *shape, dtype=torch.complex64)
+    out = D(x, torch.tensor([0.5, 1.0]), torch.ones(2, 1, shape[1]))
+    assert out.shape == x.shape and out.dtype == torch.complex64
+    # the last convolution starts at zero: D = c_skip x until trained
+    c_skip = 0.25 / (torch.tensor([0.5, 1.0]) ** 2 + 0.25)
+    assert torch.allclose(out, c_skip[:, None, None] * x, atol=1e-6)
+
+
+def test_unet_learns_and_rejects_bad_cond():
+    torch.manual_seed(0)
+    net = UNet(3, 2, channels=(8, 16), groups=4)
+    assert sum(p.numel() for p in net.parameters()) > 1000
+    with pytest.raises(ValueError):
+        EDMDenoiser(net, cond=("nonsense",))
+    D = EDMDenoiser(net)
+    x = torch.randn(4, 16, 16, dtype=torch.complex64)
+    noisy = x + 0.3 * torch.randn_like(x)
+    opt = torch.optim.Adam(D.parameters(), 1e-2)
+    first = None
+    for _ in range(30):  # fit one fixed batch: the loss must fall
+        loss = (D(noisy, torch.full((4,), 0.3)) - x).abs().pow(2).mean()
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.7 * first and math.isfinite(loss.item())
