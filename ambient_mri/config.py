@@ -35,7 +35,8 @@ class ModelConfig:
     """The denoiser (``networks.build_denoiser``): UNet widths per level, residual blocks per level,
     levels with self-attention (0 = full resolution), dropout, GroupNorm groups, EDM ``sigma_data`` and
     the conditioning channels (``mask``: the further mask ``M~``; ``ones``: a constant channel);
-    ``sigma_view``: extra noise level the preconditioning assumes for an ambient model's view (0 = EDM)."""
+    ``sigma_view``: extra noise level the preconditioning assumes for an ambient model's view (0 = EDM;
+    ``null`` = estimated from the measured training data at the start of a run and recorded)."""
 
     channels: list[int] = field(default_factory=lambda: [32, 64, 64])
     blocks: int = 1
@@ -44,7 +45,7 @@ class ModelConfig:
     groups: int = 8
     sigma_data: float = 0.5
     cond: list[str] = field(default_factory=lambda: ["mask"])
-    sigma_view: float = 0.0
+    sigma_view: Optional[float] = 0.0
 
     def check(self):
         if not self.channels or any(c < 1 for c in self.channels):
@@ -63,8 +64,8 @@ class ModelConfig:
                 raise ConfigError(f"model.groups={self.groups} does not divide the width {c} of model.channels")
         if not (math.isfinite(self.sigma_data) and self.sigma_data > 0):
             raise ConfigError(f"model.sigma_data must be > 0 (got {self.sigma_data})")
-        if not (math.isfinite(self.sigma_view) and self.sigma_view >= 0):
-            raise ConfigError(f"model.sigma_view must be >= 0 (got {self.sigma_view})")
+        if self.sigma_view is not None and not (math.isfinite(self.sigma_view) and self.sigma_view >= 0):
+            raise ConfigError(f"model.sigma_view must be >= 0, or null to estimate it from the data (got {self.sigma_view})")
         if len(set(self.cond)) != len(self.cond) or set(self.cond) - {"mask", "ones"}:
             raise ConfigError(f"model.cond must be a subset of [mask, ones] (got {self.cond})")
 

@@ -442,3 +442,47 @@ def one_line(e: BaseException) -> str:
     if "Traceback" in text and "DataError: " in text:
         return text.rsplit("DataError: ", 1)[-1].strip()
     return text
+
+
+def estimate_sigma_view(dataset, corruption: dict, *, max_slices: int = 512, seed: int = 0) -> float:
+    """Estimate, from the MEASURED data only, the RMS of what an ambient model's view misses:
+    ``sigma_view^2 ~ E_s sum_{k not in M~_s} P(k) / (H W)``.
+
+    ``P(k)``: the mean coil-summed energy ``sum_c |y_c(k)|^2`` at k-space location ``k`` over the slices
+    whose mask samples it (masks are drawn independently of the images, so this estimates the
+    image's spectrum without any unmeasured data), averaged in 32 radial bins; ``M~_s``: a further mask
+    drawn as in training. Image-domain data: the same with pixels instead of k-space locations.
+    Used for ``model.sigma_view: null`` (see ``networks.EDMDenoiser``); a dataset without a further mask
+    (oracle, naive) gives 0.
+    """
+    from .masks import further_image_mask, further_kspace_mask
+
+    domain = corruption.get("domain")
+    if domain not in ("kspace", "image"):
+        return 0.0
+    n = min(len(dataset), max_slices)
+    idx = np.random.default_rng(seed).choice(len(dataset), n, replace=False)
+    items = [dataset[int(i)] for i in idx]
+    key = "kspace" if domain == "kspace" else "image"
+    y = torch.stack([it[key] for it in items])
+    m = torch.stack([it["mask"] for it in items]) > 0
+    energy = y.abs().pow(2).sum(1) if domain == "kspace" else y.abs().pow(2)  # (n, H, W)
+    H, W = energy.shape[-2:]
+    full = m.expand(n, H, W)
+    total, count = (energy * full).sum(0), full.sum(0).double()
+    yy, xx = torch.meshgrid(torch.arange(H) - H // 2, torch.arange(W) - W // 2, indexing="ij")
+    r = torch.sqrt((yy / (H / 2)) ** 2 + (xx / (W / 2)) ** 2)
+    b = torch.clamp((r / (r.max() + 1e-9) * 32).long(), max=31)
+    P = torch.zeros(32, dtype=torch.float64)
+    for k in range(32):  # 32 radial bins, not a loop over pixels
+        sel = b == k
+        P[k] = total[sel].sum().double() / count[sel].sum().clamp_min(1)
+    P = P[b]
+    g = torch.Generator().manual_seed(seed)
+    if domain == "kspace":
+        key_f = "further_accel" if corruption.get("further_accel") is not None else "delta"
+        mt = further_kspace_mask(m, tuple(corruption["acs"]), generator=g, **{key_f: corruption[key_f]})
+    else:
+        mt = further_image_mask(m, corruption["kind"], corruption["further_level"], generator=g)
+    missing = ~mt.expand(n, H, W)
+    return float(torch.sqrt((P * missing).sum((1, 2)).mean() / (H * W)))

@@ -345,7 +345,8 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     """
     import torch
 
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
+    from .fsutil import make_dir
 
     env = dist_env()
     echo = echo or (lambda m: click.echo(m, err=True))
@@ -372,6 +373,8 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
             given = config.to_dict() if isinstance(config, Config) else load_config(config, overrides).to_dict()
         else:
             given = apply_overrides(base, overrides)
+        if given.get("model", {}).get("sigma_view", 0) is None:  # "estimate" resumes with the recorded estimate
+            given["model"]["sigma_view"] = base["model"].get("sigma_view", 0.0)
         cfg = Config.from_dict(given)
         bad = [k for k in changed_keys(base, cfg.to_dict()) if k not in RESUMABLE_KEYS]
         if bad:
@@ -393,7 +396,9 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     if ck is None and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt")):
         raise ConfigError("this run folder already holds checkpoints: pass --resume, or choose another --out", out)
     init_ck = load_checkpoint(init) if init is not None else None  # fail on a bad --init before any work
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
+    if env.main:
+        remove_stale_temporaries(out)  # half-written checkpoints of a killed run (hidden, never loaded)
 
     # ---- data (and the naive reconstructions, before any process group exists)
     dataset = _load_data(cfg, data, out, env, progress)
@@ -403,6 +408,12 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
                         "resume with the same --data", data)
     check_against_data(cfg, info, data)
     corruption = corruption_for(cfg, info)
+    if cfg.model.sigma_view is None:  # estimate from the measured training data only, then record it
+        from .datasets import estimate_sigma_view
+
+        cfg.model.sigma_view = round(estimate_sigma_view(dataset, corruption, seed=cfg.train.seed), 4)
+        if env.main:
+            echo(f"model.sigma_view estimated from the measured training data: {cfg.model.sigma_view:g}")
     global_batch = cfg.train.batch * env.world
     if len(dataset) < global_batch:
         raise ConfigError(f"the dataset has {len(dataset)} slices, fewer than one global batch "

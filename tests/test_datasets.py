@@ -320,3 +320,33 @@ def test_real_prep_output_is_read(tmp_path):
     ds = AmbientKspaceDataset(out)
     assert len(ds) == 2 and ds[0]["kspace"].shape == (4, 64, 64) and ds.info["split"] == "train"
     assert ds.info["acs"][1] == 8 and ds.info["mask_kind"] == "adps"
+
+
+def test_estimate_sigma_view_from_measured_data_matches_the_true_view_error(tmp_path):
+    """The estimate uses only the measured k-space; compare with the view error computed from the images."""
+    from ambient_mri.datasets import AmbientKspaceDataset, estimate_sigma_view
+    from ambient_mri.masks import further_kspace_mask
+    from ambient_mri.operators import SenseOp
+
+    root = write_prepared(tmp_path / "d", files=4, slices=8, coils=2, H=32, W=32, accel=3.0, center=4,
+                          mask_kind="poisson", seed=3)
+    ds = AmbientKspaceDataset(root)
+    acs = [int(v) for v in ds.info["acs"]]
+    corr = {"domain": "kspace", "acs": acs, "further_accel": 4.0}
+    est = estimate_sigma_view(ds, corr)
+    # oracle check (test only): the images behind the data, from the same files written fully sampled
+    g = torch.Generator().manual_seed(0)
+    items = [ds[i] for i in range(len(ds))]
+    maps = torch.stack([it["maps"] for it in items])
+    m = torch.stack([it["mask"] for it in items])
+    mt = further_kspace_mask(m > 0, tuple(acs), further_accel=4.0, generator=g)
+    full = write_prepared(tmp_path / "full", files=4, slices=8, coils=2, H=32, W=32, accel=3.0, center=4,
+                          mask_kind="poisson", seed=3, leak=True)
+    leak = [torch.from_numpy(h5py.File(full / f"vol_{i}.h5")["kspace"][()]) for i in range(4)]
+    k_full = torch.cat(leak)
+    x = SenseOp(maps, torch.ones(32, 32)).adjoint(k_full) / maps.abs().pow(2).sum(1).clamp_min(1e-6)
+    view = SenseOp(maps, mt.float()).normal(x)
+    true = (view - x).abs().pow(2).mean().sqrt().item()
+    assert 0.6 * true < est < 1.6 * true, (est, true)
+    assert estimate_sigma_view(ds, {"domain": "clean"}) == 0.0
+    assert estimate_sigma_view(ds, dict(corr, further_accel=8.0)) > est  # a sparser view misses more
