@@ -114,7 +114,7 @@ def settings(quick: bool) -> dict:
     """Full run (about 2 hours on 2 CPU cores) or the --quick smoke test (a few minutes)."""
     if quick:
         return dict(slices="0:60", steps=20, batch=4, dps_steps=8, dps_slices=2, dc_steps=4, mem_samples=4,
-                    mem_steps=6, l_candidates=[0.3], tune_slices=2, l1_tune_slices=2, l1_iters=20,
+                    mem_steps=6, l_candidates=[1.0], tune_slices=2, l1_tune_slices=2, l1_iters=20,
                     l1_candidates=[1e-3, 1e-2], quick=True)
     return dict(slices=None, steps=3000, batch=8, dps_steps=500, dps_slices=20, dc_steps=25, mem_samples=64,
                 mem_steps=18, l_candidates=[0.3, 1.0, 3.0], tune_slices=4, l1_tune_slices=8, l1_iters=100,
