@@ -325,6 +325,7 @@ class ReferenceDataset(PreparedDataset):
 class NaiveDataset(Dataset):
     """ZF-EDM / L1-EDM training set: each training slice reconstructed once from its undersampled k-space,
     ``recon="zf"``: ``A^H y``; ``recon="l1"``: L1-wavelet CS (``baselines.l1_wavelet``, ``lam``, ``iters``).
+    Image-domain (box/pixel-corrupted) data with ``recon="zf"``: the corrupted images ``M x`` as they are.
 
     Reads k-space through :class:`AmbientKspaceDataset` (never a reference). The reconstructions are
     cached in ``cache_path`` (an ``.h5``; reused when data, method and settings match). Items ``{"image", "index"}``.
@@ -334,7 +335,11 @@ class NaiveDataset(Dataset):
                  cache_path: str | os.PathLike | None = None, cache_mb: float = 512.0, progress: bool = True):
         if recon not in ("zf", "l1"):
             raise DataError(f"naive reconstruction must be 'zf' or 'l1' (got {recon!r})", root)
-        self.source = AmbientKspaceDataset(root, cache_mb=cache_mb)
+        self.image_domain = read_manifest(root)[0].get("domain") == "image"
+        if self.image_domain and recon != "zf":
+            raise DataError("naive L1 needs k-space data; for image-domain (box/pixel) data use naive_zf, which "
+                            "trains on the corrupted images as they are", root)
+        self.source = (ImageCorruptionDataset if self.image_domain else AmbientKspaceDataset)(root, cache_mb=cache_mb)
         self.root, self.recon, self.lam, self.iters = Path(root), recon, float(lam), int(iters)
         self.manifest_sha256 = self.source.manifest_sha256
         self.info = dict(self.source.info)
@@ -365,7 +370,9 @@ class NaiveDataset(Dataset):
         with torch.no_grad():
             for start in range(0, n, chunk):
                 items = collate([self.source[i] for i in range(start, min(n, start + chunk))])
-                if self.recon == "zf":
+                if self.image_domain:
+                    x = items["image"]
+                elif self.recon == "zf":
                     x = zero_filled(items["kspace"], items["maps"], items["mask"])
                 else:
                     x = l1_wavelet(items["kspace"], items["maps"], items["mask"], self.lam, iters=self.iters)

@@ -350,3 +350,14 @@ def test_estimate_sigma_view_from_measured_data_matches_the_true_view_error(tmp_
     assert 0.6 * true < est < 1.6 * true, (est, true)
     assert estimate_sigma_view(ds, {"domain": "clean"}) == 0.0
     assert estimate_sigma_view(ds, dict(corr, further_accel=8.0)) > est  # a sparser view misses more
+
+
+def test_naive_on_image_domain_data_uses_the_corrupted_images(tmp_path):
+    from ambient_mri.datasets import ImageCorruptionDataset, NaiveDataset
+
+    root = write_prepared(tmp_path / "img", files=1, slices=3, domain="image", level=0.25, seed=4)
+    ds = NaiveDataset(root, "zf", progress=False)
+    src = ImageCorruptionDataset(root)
+    assert len(ds) == 3 and torch.equal(ds[1]["image"], src[1]["image"])
+    with pytest.raises(DataError, match="naive_zf"):
+        NaiveDataset(root, "l1", progress=False)
