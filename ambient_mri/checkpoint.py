@@ -71,13 +71,15 @@ def snapshot_path(run_dir, step: int) -> Path:
 
 
 def _write(obj, path: Path) -> None:
-    from .fsutil import atomic_path
+    from .fsutil import WriteGuard, atomic_path
 
     with atomic_path(path, ".pt.tmp") as tmp:
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb") as raw:
+            f = WriteGuard(raw)  # a full disk: one clear OSError, not torch's "unexpected pos" RuntimeError
             torch.save(obj, f)
             f.flush()
-            os.fsync(f.fileno())
+            f.fsync()
+        f.check()
 
 
 def _publish_latest(snapshot: Path, latest: Path) -> None:
@@ -107,6 +109,20 @@ def list_snapshots(run_dir) -> list[tuple[int, Path]]:
         if m:
             out.append((int(m.group(1)), p))
     return sorted(out)
+
+
+def remove_stale_temporaries(run_dir) -> list[Path]:
+    """Delete the hidden ``.*.tmp`` files a killed run left in ``run_dir`` and its snapshot folder (half-written
+    checkpoints: never loaded, but as large as a checkpoint). Call only while no other process trains there."""
+    removed = []
+    for d in (Path(run_dir), Path(run_dir) / SNAPSHOT_DIR):
+        for p in d.glob(".*.tmp") if d.is_dir() else []:
+            try:
+                p.unlink()
+                removed.append(p)
+            except OSError:
+                pass
+    return removed
 
 
 def save_checkpoint(run_dir, payload: dict, *, keep: int = 3) -> Path:
@@ -232,3 +248,23 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def export_weights(src, dst) -> Path:
+    """Write a small release copy of a checkpoint (or a run folder's newest one): the EMA weights as
+    ``model`` plus config, training metadata, step and version; no optimiser, RNG or raw weights.
+    It loads like any checkpoint (``load_denoiser``, ``recon``, ``sample``, ``train --init``)."""
+    src = Path(src)
+    if src.is_dir():
+        found = latest_checkpoint(src)
+        if found is None:
+            raise DataError("no checkpoint in this run folder", src)
+        ck = found[1]
+    else:
+        ck = load_checkpoint(src)
+    weights = ck.get("ema") if ck.get("ema") is not None else ck["model"]
+    keep = {k: ck[k] for k in ("format", "step", "config", "training", "version") if k in ck}
+    out = dict(keep, model={k: v.clone() for k, v in weights.items()}, ema=None, exported_from_ema=ck.get("ema") is not None)
+    dst = Path(dst)
+    _write(out, dst)
+    return dst

@@ -95,3 +95,18 @@ def test_matrix_mismatch_refused_or_cropped(setup, tmp_path):
               maps_method="lowres", steps=3, matrix="native", quiet=True)
     arrays, _ = read(tmp_path / "c" / "big.h5")
     assert arrays["reconstruction"].shape == (1, 48, 48)
+
+
+def test_exported_release_checkpoint_is_smaller_and_equivalent(setup, tmp_path):
+    from ambient_mri.checkpoint import export_weights, load_denoiser
+
+    root = setup
+    dst = export_weights(root / "amb", tmp_path / "release.pt")
+    assert dst.stat().st_size < (root / "amb" / "checkpoint.pt").stat().st_size
+    a, meta_a = load_denoiser(root / "amb" / "checkpoint.pt")
+    b, meta_b = load_denoiser(dst)
+    assert meta_a["training"] == meta_b["training"] and meta_a["step"] == meta_b["step"]
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    run_recon(root / "test", tmp_path / "r", "aos", checkpoint=dst, quiet=True)
+    assert (tmp_path / "r" / "vol0.h5").exists()
