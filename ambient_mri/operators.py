@@ -82,31 +82,37 @@ def conjugate_gradient(normal, rhs: torch.Tensor, x0: torch.Tensor | None = None
                        iters: int = 30, tol: float = 0.0) -> torch.Tensor:
     """Solve ``(N + lam I) x = rhs`` for Hermitian positive (semi-)definite ``N`` by batched CG.
 
-    ``normal``: callable ``x -> N x`` on ``(B, H, W)``; each batch item is solved independently
-    (its own step sizes). ``x0`` is the starting point (zeros by default). Stops early when every
-    item's residual norm falls below ``tol * ||rhs||``.
+    ``normal``: callable ``x -> N x`` on ``(B, H, W)``; each batch item is solved independently (its own
+    step sizes) and stops updating once its residual norm is below ``max(tol, 10 eps) ||rhs||`` (``eps``
+    of the dtype: further steps on a converged, possibly singular, system only amplify rounding).
+    ``x0`` is the starting point (zeros by default).
     """
     dims = tuple(range(1, rhs.ndim))
 
     def op(v):
         return normal(v) + lam * v if lam else normal(v)
 
+    def sq(v):
+        return torch.sum(v.abs() ** 2, dim=dims, keepdim=True)
+
     x = torch.zeros_like(rhs) if x0 is None else x0.clone()
     r = rhs - op(x) if x0 is not None else rhs.clone()
     p = r.clone()
-    rr = torch.sum(r.abs() ** 2, dim=dims, keepdim=True)
-    stop = (tol * torch.linalg.vector_norm(rhs.flatten(1), dim=1)).pow(2).view_as(rr)
-    tiny = torch.finfo(rr.dtype).tiny
+    rr = sq(r)
+    rel = max(tol, 10 * torch.finfo(rhs.real.dtype).eps)
+    stop = rel**2 * sq(rhs)
     for _ in range(iters):
-        if torch.all(rr <= stop):
+        active = rr > stop
+        if not torch.any(active):
             break
         Ap = op(p)
         pAp = torch.sum((p.conj() * Ap).real, dim=dims, keepdim=True)
-        alpha = torch.where(pAp > tiny, rr / pAp.clamp_min(tiny), torch.zeros_like(rr))
+        ok = active & (pAp > 0)
+        alpha = torch.where(ok, rr / torch.where(ok, pAp, torch.ones_like(pAp)), torch.zeros_like(rr))
         x = x + alpha * p
         r = r - alpha * Ap
-        rr_new = torch.sum(r.abs() ** 2, dim=dims, keepdim=True)
-        beta = torch.where(rr > tiny, rr_new / rr.clamp_min(tiny), torch.zeros_like(rr))
-        p = r + beta * p
-        rr = rr_new
+        rr_new = sq(r)
+        beta = torch.where(ok, rr_new / torch.where(ok, rr, torch.ones_like(rr)), torch.zeros_like(rr))
+        p = torch.where(ok, r + beta * p, p)
+        rr = torch.where(ok, rr_new, rr)
     return x

@@ -92,3 +92,15 @@ def test_cg_sense_recovers_image_fully_sampled_and_reduces_residual():
 def test_fft_helpers_on_batched_complex64():
     x = crandn(2, 3, 8, 8).to(torch.complex64)
     assert fft2c(x).dtype == torch.complex64 and torch.allclose(ifft2c(fft2c(x)), x, atol=1e-5)
+
+
+def test_cg_stays_put_once_converged_on_a_singular_system():
+    # single coil: A^H A = F^H M F is a projection; CG converges in one step and must not then blow up
+    g = torch.Generator().manual_seed(2)
+    x = crandn(2, 64, 64, generator=g).to(torch.complex64)
+    mask = torch.from_numpy(np.random.default_rng(0).uniform(size=(2, 1, 64)) > 0.6)
+    op = SenseOp(torch.ones(2, 1, 64, 64, dtype=torch.complex64), mask)
+    y = op.forward(x)
+    xs = conjugate_gradient(op.normal, op.adjoint(y), iters=50)
+    assert torch.isfinite(xs).all() and xs.abs().max() < 10 * x.abs().max()
+    assert torch.linalg.vector_norm(op.forward(xs) - y) < 1e-4 * torch.linalg.vector_norm(y)
