@@ -19,7 +19,7 @@ import h5py
 import numpy as np
 
 from .fft import center_crop, ifft2c, rss
-from .fsutil import atomic_path
+from .fsutil import atomic_h5
 
 ISMRMRD_NS = "http://www.ismrm.org/ISMRMRD"
 
@@ -48,8 +48,10 @@ def parse_header(xml: bytes | str) -> dict:
 
     Returns ``{"encoding_size": (x, y, z), "recon_size": (x, y, z), "encoding_fov_mm": (x, y, z),
     "padding_left": int, "padding_right": int}`` (padding as fastMRI's ``SliceDataset`` computes it).
-    Raises ``ValueError`` if the XML does not parse or lacks these fields.
+    Raises ``ValueError`` if the XML does not parse, lacks these fields or holds a non-finite number.
     """
+    import math
+
     root = ET.fromstring(xml)
     ns = {"m": ISMRMRD_NS}
 
@@ -57,7 +59,10 @@ def parse_header(xml: bytes | str) -> dict:
         el = root.find(path, ns)
         if el is None or el.text is None:
             raise ValueError(f"header has no {path.replace('m:', '')}")
-        return cast(float(el.text)) if cast is int else cast(el.text)
+        v = float(el.text)
+        if not math.isfinite(v):
+            raise ValueError(f"header {path.replace('m:', '')} is {el.text.strip()!r}")
+        return int(v) if cast is int else cast(el.text)
 
     enc = "m:encoding/m:encodedSpace"
     rec = "m:encoding/m:reconSpace"
@@ -94,7 +99,7 @@ def write_volume(path: str | os.PathLike, kspace: np.ndarray, *, recon_size: tup
         raise ValueError(f"kspace must be (S, C, H, W) or (S, H, W), got {kspace.shape}")
     H, W = kspace.shape[-2:]
     recon_size = tuple(recon_size or (min(H, W), min(H, W)))
-    with atomic_path(path, ".h5.tmp") as tmp, h5py.File(tmp, "w") as f:
+    with atomic_h5(path) as f:
         if mask is not None:
             mask = np.asarray(mask).astype(bool)
             kspace = kspace * mask
@@ -126,6 +131,8 @@ def write_volume(path: str | os.PathLike, kspace: np.ndarray, *, recon_size: tup
 
 MAX_DIM = 16384  # larger sizes (matrix side or header size) are taken as corrupt
 MAX_COILS = 1024
+# what h5py raises on a truncated or damaged file, depending on which structure is broken
+_H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, IndexError, OverflowError)
 
 
 
@@ -161,10 +168,16 @@ class FastMRIVolume:
             self._file = h5py.File(name, "r")
         except DataError:
             raise
-        except OSError as e:
+        except _H5_ERRORS as e:
             raise DataError(f"cannot open as HDF5 (truncated or unreadable: {_first_line(e)})", name) from None
         try:
             self._validate()
+        except DataError:
+            self.close()
+            raise
+        except _H5_ERRORS as e:  # h5py's own errors on a damaged structure (bad B-tree, heap, message...)
+            self.close()
+            raise DataError(f"damaged HDF5 file ({type(e).__name__}: {_first_line(e)})", name) from None
         except BaseException:
             self.close()
             raise
@@ -200,7 +213,7 @@ class FastMRIVolume:
         self.header = self._read_header(H, W)
         try:  # cheap finiteness check: the central k-space row (where most energy is) of every slice
             row = ks[:, H // 2, :] if self.single_coil else ks[:, :, H // 2, :]
-        except OSError as e:
+        except _H5_ERRORS as e:
             self._fail(f"cannot read 'kspace' (truncated file?: {_first_line(e)})")
         if not np.isfinite(row).all():
             bad = np.flatnonzero(~np.isfinite(row).reshape(S, -1).all(axis=1))
@@ -211,7 +224,7 @@ class FastMRIVolume:
             return None
         try:
             m = np.asarray(self._file["mask"][()])
-        except (OSError, TypeError) as e:
+        except _H5_ERRORS as e:
             self._fail(f"cannot read 'mask' ({_first_line(e)})")
         if m.size == 0:
             self._fail("'mask' is empty")
@@ -237,7 +250,7 @@ class FastMRIVolume:
             raw = self._file["ismrmrd_header"][()]
             raw = raw.tobytes() if isinstance(raw, np.ndarray) else raw
             hdr = parse_header(raw)
-        except (ValueError, TypeError, OSError, ET.ParseError) as e:
+        except (ET.ParseError, *_H5_ERRORS) as e:
             return self._header_fallback(fallback, f"'ismrmrd_header' does not parse ({_first_line(e)})")
         sizes = hdr["encoding_size"][:2] + hdr["recon_size"][:2]
         if any(not 1 <= s <= MAX_DIM for s in sizes):
@@ -271,12 +284,15 @@ class FastMRIVolume:
 
     @property
     def acceleration(self) -> float | None:
-        """The file's ``acceleration`` attribute, else ``mask`` size / samples; ``None`` without a mask."""
+        """The file's ``acceleration`` attribute (when a number >= 1), else ``mask`` size / samples; ``None`` without
+        a mask."""
         if self.mask is None:
             return None
-        if "acceleration" in self.attrs:
-            return float(self.attrs["acceleration"])
-        return float(self.mask.size / self.mask.sum())
+        try:  # a missing, non-numeric or impossible attribute (< 1, NaN) falls back to the mask's own
+            a = float(self.attrs["acceleration"])
+        except (KeyError, TypeError, ValueError):
+            a = float("nan")
+        return a if a >= 1 and a != float("inf") else float(self.mask.size / self.mask.sum())
 
     @property
     def readout_oversampled(self) -> bool:
@@ -312,7 +328,7 @@ class FastMRIVolume:
         i = self._index(i)
         try:
             k = np.asarray(self._ks[i], dtype=np.complex64)
-        except OSError as e:
+        except _H5_ERRORS as e:
             self._fail(f"cannot read slice {i} of 'kspace' ({_first_line(e)})")
         if not np.isfinite(k).all():
             self._fail(f"'kspace' holds NaN or Inf (slice {i})")
@@ -330,7 +346,13 @@ class FastMRIVolume:
     def reference(self, i: int) -> np.ndarray | None:
         """Slice ``i`` of the file's own reconstruction (``reconstruction_rss``/``_esc``), or ``None``."""
         key = self.reference_key
-        return None if key is None else np.asarray(self._file[key][self._index(i)], dtype=np.float32)
+        if key is None:
+            return None
+        i = self._index(i)
+        try:
+            return np.asarray(self._file[key][i], dtype=np.float32)
+        except _H5_ERRORS as e:
+            self._fail(f"cannot read slice {i} of {key!r} ({_first_line(e)})")
 
     def close(self):
         if self._file is not None:

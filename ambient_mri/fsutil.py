@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
+import io
 import json
 import os
 import tempfile
@@ -11,13 +13,38 @@ from pathlib import Path
 
 from .errors import AmbientMRIError
 
+# errno values that mean "this output cannot be written" (full disk or quota, file size limit, read-only or
+# forbidden folder, a path through a regular file), as opposed to a bug
+OUTPUT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EACCES, errno.EROFS, errno.EPERM, errno.ENOTDIR,
+                 errno.EEXIST, errno.EISDIR)
+
+
+class OutputError(AmbientMRIError):
+    """An output cannot be written (disk full, file size limit, unwritable folder): one line, naming the path.
+    Fatal for a whole run (every later output would fail the same way); earlier outputs are left as they were."""
+
+
+def _output_error(e: OSError, path, what: str = "cannot write output") -> OutputError:
+    return OutputError(f"{what} ({e.strerror or type(e).__name__})", path)
+
+
+def make_dir(path: str | os.PathLike) -> Path:
+    """``mkdir -p path``, or a one-line :class:`OutputError` (a regular file in the way, read-only...)."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _output_error(e, path, "cannot create the output folder") from None
+    return path
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary name starts with ``.`` and ends with ``.tmp`` so that globbing for finished outputs
-    never sees it. On any exception the temporary file is removed and ``path`` is left as it was.
+    never sees it. On any exception the temporary file is removed and ``path`` is left as it was; a full
+    disk, a file size limit or an unwritable folder becomes a one-line :class:`OutputError`.
     """
     path = Path(path)
     try:
@@ -25,18 +52,110 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
         os.close(fd)
     except OSError as e:
-        raise AmbientMRIError(f"cannot write here ({e.strerror or e})", path.parent) from None
+        raise _output_error(e, path.parent, "cannot write here") from None
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as e:
         _unlink(tmp)
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EPERM):
-            raise AmbientMRIError(f"cannot write output ({e.strerror})", path) from None
+        if e.errno in OUTPUT_ERRNOS:
+            raise _output_error(e, path) from None
         raise
     except BaseException:
         _unlink(tmp)
         raise
+
+
+class WriteGuard(io.RawIOBase):
+    """A binary file for libraries that write through a Python file object (HDF5's ``fileobj`` driver,
+    ``torch.save``): the first ``OSError`` of a write (disk full, file size limit) is kept and every later
+    write is dropped while reporting success, so that the library finishes and closes cleanly (HDF5 that
+    sees a failed write leaves its file open and can crash the interpreter at exit). :meth:`check` raises
+    the kept error; the file's content is then garbage and must be thrown away (:func:`atomic_path` does).
+    """
+
+    def __init__(self, raw):
+        self.raw, self.error, self._pos = raw, None, 0
+
+    def readable(self):
+        return True
+
+    def writable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def _do(self, fn, *args, default=None):
+        if self.error is None:
+            try:
+                return fn(*args)
+            except OSError as e:
+                self.error = e
+        return default
+
+    def seek(self, offset, whence=os.SEEK_SET):
+        if self.error is None:
+            self._pos = self._do(self.raw.seek, offset, whence, default=self._pos)
+        elif whence == os.SEEK_SET:
+            self._pos = offset
+        elif whence == os.SEEK_CUR:
+            self._pos += offset
+        return self._pos
+
+    def tell(self):
+        return self._pos
+
+    def readinto(self, b):
+        n = self._do(self.raw.readinto, b, default=0)
+        self._pos += n or 0
+        return n
+
+    def write(self, b):
+        view = memoryview(b).cast("B")
+        done = 0
+        while self.error is None and done < len(view):
+            n = self._do(self.raw.write, view[done:], default=0)
+            if not n:
+                break
+            done += n
+        self._pos += len(view)
+        return len(view)
+
+    def truncate(self, size=None):
+        self._do(self.raw.truncate, size)
+        return self._pos if size is None else size
+
+    def flush(self):
+        self._do(self.raw.flush)
+
+    def fsync(self):
+        self._do(os.fsync, self.raw.fileno())
+
+    def check(self):
+        """Raise the first write error, if any."""
+        if self.error is not None:
+            raise self.error
+
+
+@contextlib.contextmanager
+def atomic_h5(path: str | os.PathLike, **kwargs):
+    """Write an HDF5 file atomically: yield an ``h5py.File`` open for writing on a temporary file that is
+    renamed onto ``path`` when the block succeeds. Writes go through a :class:`WriteGuard`, so a full disk
+    or a file size limit ends as a one-line :class:`OutputError` (never as an HDF5 error cascade)."""
+    import h5py
+
+    with atomic_path(path, ".h5.tmp") as tmp:
+        with open(tmp, "r+b", buffering=0) as raw:
+            guard = WriteGuard(raw)
+            f = h5py.File(guard, "w", **kwargs)
+            f.guard = guard  # for callers that want to stop early: f.guard.check()
+            try:
+                yield f
+            finally:
+                f.close()
+            guard.fsync()
+        guard.check()
 
 
 def _unlink(p):
@@ -62,15 +181,22 @@ def _jsonable(o):
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+_HELD: set[str] = set()  # lock files this process holds right now
+
+
 @contextlib.contextmanager
 def claim(path: str | os.PathLike):
     """Claim the right to produce ``path`` across processes (an ``O_EXCL`` lock file beside it).
 
     Yields True if this process holds the claim, False if another live process does. A claim left
-    behind by a dead process (its pid no longer exists on this host) is taken over.
+    behind by a dead process (its pid no longer exists on this host, or now belongs to a process that
+    started later) is taken over, and the temporary files that process left for ``path`` are removed.
+    Liveness is judged on this host: across machines sharing a file system, split the work with
+    ``--shard`` rather than relying on claims.
     """
-    lock = Path(path).with_name(f".{Path(path).name}.lock")
-    lock.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    make_dir(lock.parent)
     held = False
     for _ in range(2):
         try:
@@ -80,20 +206,38 @@ def claim(path: str | os.PathLike):
                 _unlink(lock)
                 continue
             break
+        except OSError as e:
+            raise _output_error(e, lock, "cannot create a claim file") from None
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
         held = True
+        _HELD.add(os.fspath(lock))
         break
     try:
+        if held:  # only the claim holder writes path: temporaries of it are a dead writer's leftovers
+            for t in path.parent.glob(f".{glob.escape(path.name)}.*tmp"):
+                _unlink(t)
         yield held
     finally:
         if held:
+            _HELD.discard(os.fspath(lock))
             _unlink(lock)
+
+
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), or ``""`` where unknown; with
+    the pid it identifies a process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[19].decode()
+    except (OSError, IndexError):
+        return ""
 
 
 def _stale(lock: Path) -> bool:
     try:
-        pid = int(lock.read_text().split()[0])
+        fields = lock.read_text().split()
+        pid = int(fields[0])
     except OSError:
         return True
     except (ValueError, IndexError):  # being written right now, or garbage left long ago
@@ -103,10 +247,14 @@ def _stale(lock: Path) -> bool:
             return time.time() - lock.stat().st_mtime > 30
         except OSError:
             return True
+    if pid == os.getpid():  # our own pid, yet not a claim we hold: left by an earlier process with this pid
+        return os.fspath(lock) not in _HELD
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return True
     except PermissionError:
         return False
-    return False
+    start = fields[1] if len(fields) > 1 else ""
+    now = _start_time(pid)
+    return bool(start and now and start != now)  # the pid now names a process that started later

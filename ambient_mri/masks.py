@@ -11,7 +11,9 @@ batched on the training device with torch (:func:`further_kspace_mask`, :func:`f
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +34,10 @@ class SamplingMask:
     acs: tuple[int, int]
     seed: int
     kind: str
+
+    def __post_init__(self):
+        if not np.asarray(self.mask).any():
+            raise ConfigError(f"the {self.kind} mask of shape {np.shape(self.mask)} samples nothing (seed {self.seed})")
 
     @property
     def acceleration(self) -> float:
@@ -64,8 +70,12 @@ def acs_region(shape: tuple[int, int], acs: tuple[int, int]) -> np.ndarray:
 
 
 def _check(accel: float, n: int, n_center: int) -> None:
-    if not accel >= 1:
-        raise ConfigError(f"acceleration must be >= 1 (got {accel})")
+    if not (accel >= 1 and math.isfinite(accel)):
+        raise ConfigError(f"acceleration must be a finite number >= 1 (got {accel})")
+    if n < 1:
+        raise ConfigError(f"cannot draw a mask for an empty matrix ({n} samples)")
+    if accel > n:
+        raise ConfigError(f"acceleration {accel:g} keeps less than one of the {n} samples")
     if not 0 <= n_center <= n:
         raise ConfigError(f"calibration size {n_center} does not fit a matrix of {n}")
 
@@ -137,7 +147,8 @@ def gaussian_lines(W: int, accel: float, *, center_lines: int = 20, std_fraction
     k = outer - W // 2
     p = np.exp(-(k**2) / (2 * (std_fraction * W) ** 2))
     n_rand = max(0, min(int(math.floor(W / accel)) - center_lines, outer.size))
-    m[np.random.default_rng(seed).choice(outer, n_rand, replace=False, p=p / p.sum())] = True
+    if n_rand > 0:  # (no outer line left to draw: p would be empty)
+        m[np.random.default_rng(seed).choice(outer, n_rand, replace=False, p=p / p.sum())] = True
     return SamplingMask(m[None], (1, center_lines), seed, "gaussian")
 
 
@@ -164,7 +175,7 @@ def poisson_disc(shape: tuple[int, int], accel: float, *, calib: tuple[int, int]
     yy, xx = np.meshgrid(np.arange(H) - H // 2, np.arange(W) - W // 2, indexing="ij")
     r = np.sqrt((yy / max(H / 2, 1)) ** 2 + (xx / max(W / 2, 1)) ** 2) / math.sqrt(2)
     grow = (1 + density_slope * r).ravel()
-    lo, hi = 0.0, 3.0 * math.sqrt(accel)  # nearest-neighbour spacing of a disc pattern ~ sqrt(R)
+    lo, hi = 0.0, min(3.0 * math.sqrt(accel), math.hypot(H, W))  # nearest-neighbour spacing ~ sqrt(R)
     best = None
     for _ in range(16):
         s = 0.5 * (lo + hi)
@@ -197,29 +208,47 @@ def _dart_throw_impl():
         return _DART
 
     def kernel(order, radius, H, W, calib):
+        # a candidate is accepted when no accepted point lies at a distance < its radius; that test scans
+        # the candidate's window of the grid or the list of accepted points, whichever is shorter, so that a
+        # pass costs O(H W min(window, accepted)) even for very sparse masks (large R, large radii)
         m = calib.copy()
+        ay = np.empty(m.size, np.int64)
+        ax = np.empty(m.size, np.int64)
+        k = 0
+        for idx in range(m.size):
+            if m[idx]:
+                ay[k], ax[k] = idx // W, idx % W
+                k += 1
         for idx in order:
             if m[idx]:
                 continue
             y, x = idx // W, idx % W
             rad = radius[idx]
+            r2 = rad * rad
             ri = int(rad)
+            y0, y1 = max(y - ri, 0), min(y + ri, H - 1)
+            x0, x1 = max(x - ri, 0), min(x + ri, W - 1)
             ok = True
-            for dy in range(-ri, ri + 1):
-                yy = y + dy
-                if yy < 0 or yy >= H:
-                    continue
-                for dx in range(-ri, ri + 1):
-                    xx = x + dx
-                    if xx < 0 or xx >= W or dy * dy + dx * dx >= rad * rad:
-                        continue
-                    if m[yy * W + xx]:
+            if k < (y1 - y0 + 1) * (x1 - x0 + 1):
+                for j in range(k):
+                    dy, dx = ay[j] - y, ax[j] - x
+                    if dy * dy + dx * dx < r2:
                         ok = False
                         break
-                if not ok:
-                    break
+            else:
+                for yy in range(y0, y1 + 1):
+                    dy = yy - y
+                    for xx in range(x0, x1 + 1):
+                        dx = xx - x
+                        if dy * dy + dx * dx < r2 and m[yy * W + xx]:
+                            ok = False
+                            break
+                    if not ok:
+                        break
             if ok:
                 m[idx] = True
+                ay[k], ax[k] = y, x
+                k += 1
         return m
 
     try:
@@ -229,6 +258,40 @@ def _dart_throw_impl():
     except ImportError:  # pragma: no cover
         _DART = kernel
     return _DART
+
+
+class _Stalled(Exception):
+    """sigpy's slope bisection stopped making progress (see :func:`_bounded_steps`)."""
+
+
+@contextlib.contextmanager
+def _bounded_steps(fn, max_lines: int):
+    """Stop the Python function ``fn`` (with :class:`_Stalled`) once it has run ``max_lines`` lines.
+
+    ``sigpy.mri.poisson`` bisects its density slope while ``slope_min < slope_max``; when no slope reaches
+    the acceleration within its tolerance and the midpoint rounds onto an end point, that loop never ends
+    (e.g. shape (37, 30), R = 57, calib 3, seed 3620467). A converging call runs a few hundred lines; a
+    local line tracer on ``fn``'s frame alone turns the endless case into an exception (the thread's
+    previous tracer is put back afterwards)."""
+    code = fn.__code__
+    count = [0]
+
+    def local(frame, event, arg):
+        if event == "line":
+            count[0] += 1
+            if count[0] > max_lines:
+                raise _Stalled(f"{fn.__module__}.{fn.__name__} stalled after {max_lines} lines")
+        return local
+
+    def calls(frame, event, arg):
+        return local if frame.f_code is code else None
+
+    old = sys.gettrace()
+    sys.settrace(calls)
+    try:
+        yield
+    finally:
+        sys.settrace(old)
 
 
 def sigpy_poisson(shape: tuple[int, int], accel: float, *, calib: tuple[int, int] = (8, 8), seed: int = 0,
@@ -242,8 +305,9 @@ def sigpy_poisson(shape: tuple[int, int], accel: float, *, calib: tuple[int, int
     for k in range(attempts):
         s = seed + 1000 * k
         try:
-            m = sigpy.mri.poisson(tuple(shape), accel, calib=tuple(calib), dtype=np.float32, seed=s)
-        except ValueError as e:  # sigpy: "Cannot generate mask to satisfy accel"
+            with _bounded_steps(sigpy.mri.poisson, 2000):
+                m = sigpy.mri.poisson(tuple(shape), accel, calib=tuple(calib), dtype=np.float32, seed=s)
+        except (ValueError, _Stalled) as e:  # sigpy: "Cannot generate mask to satisfy accel", or a stall
             last = e
             continue
         m = np.abs(m) > 0

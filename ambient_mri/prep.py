@@ -652,11 +652,10 @@ def _write_volume_unit(unit: dict) -> dict:
     """Worker: prepare one input into every pending output (each claimed, written atomically).
 
     Returns ``{"source", "status": done|skipped|busy|failed, "written": [...], "error"}``; never raises
-    for a data problem (the error text is one line naming the file)."""
-    import h5py
-
+    for a data problem (the error text is one line naming the file); ``"fatal": True`` marks an output that
+    cannot be written (disk full, unwritable folder), which stops the run."""
     from .fastmri_io import FastMRIVolume
-    from .fsutil import atomic_path, claim
+    from .fsutil import OutputError, atomic_h5, claim
 
     src = Path(unit["source"])
     opts = PrepOptions.from_json(unit["options"])
@@ -685,10 +684,7 @@ def _write_volume_unit(unit: dict) -> dict:
                 vol = stack.enter_context(FastMRIVolume(src))
             plan = plan_volume(vol, opts)
             digest = sha256_file(src)
-            files = {}
-            for t, out in todo.items():
-                tmp = stack.enter_context(atomic_path(out, ".h5.tmp"))
-                files[t] = stack.enter_context(h5py.File(tmp, "w"))
+            files = {t: stack.enter_context(atomic_h5(out)) for t, out in todo.items()}
             bar = _bar(len(plan.indices), f"{src.name}", unit.get("progress") and unit.get("slice_bar"))
             rows = {t: [] for t in todo}
             for n, (i, per_target) in enumerate(iter_prepared(vol, opts, plan)):
@@ -700,6 +696,7 @@ def _write_volume_unit(unit: dict) -> dict:
                         f[key][n] = _stored(key, d)
                     f["slice_index"][n] = i
                     rows[t].append(_meta(d))
+                    f.guard.check()  # stop at the first failed write (full disk), not after the last slice
                 bar.update(1)
             bar.close()
             for t, f in files.items():
@@ -707,7 +704,7 @@ def _write_volume_unit(unit: dict) -> dict:
                     f.attrs[k] = v
         res["written"] = [os.fspath(o) for o in todo.values()]  # renamed into place when the stack closed
     except AmbientMRIError as e:
-        res.update(status="failed", error=str(e))
+        res.update(status="failed", error=str(e), fatal=isinstance(e, OutputError))
     except Exception as e:  # an unexpected failure in one file must not stop the others
         res.update(status="failed", error=f"{src}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     return res
@@ -830,6 +827,7 @@ def run_prep(input_path, output, options: PrepOptions, *, workers: int = 1, nift
     written atomically, so concurrent runs on the same ``output`` cooperate.
     """
     from .fastmri_io import FastMRIVolume, list_volumes
+    from .fsutil import OutputError, make_dir
 
     echo = echo or (lambda msg: click.echo(msg, err=True))
     options.validate()
@@ -875,10 +873,14 @@ def run_prep(input_path, output, options: PrepOptions, *, workers: int = 1, nift
     for f in failed:
         echo(f"skipped: {f['error']}")
 
+    for d in sorted(set(dirs.values())):
+        make_dir(d)  # an unwritable output: one line now, before any work
     written = []
 
     def collect(res):
         written.extend(res["written"])
+        if res.get("fatal"):  # the output cannot be written (disk full, unwritable): stop the whole run
+            raise OutputError(res["error"])
         if res["status"] == "failed":
             failed.append({"source": res["source"], "error": res["error"]})
             echo(f"failed: {res['error']}")
@@ -891,8 +893,6 @@ def run_prep(input_path, output, options: PrepOptions, *, workers: int = 1, nift
         time.sleep(0.5)
         busy = [u for u in busy if collect(_write_volume_unit(dict(u, progress=False)))]
 
-    for d in sorted(set(dirs.values())):
-        d.mkdir(parents=True, exist_ok=True)
     if nifti:
         for d in sorted(set(dirs.values())):
             for p in list_volumes(d):
@@ -943,10 +943,14 @@ def _run_units(units, workers, progress, collect):
             futures = {pool.submit(_write_volume_unit, dict(u, threads=threads)): u for u in units}
             from concurrent.futures import as_completed
 
-            for fut in as_completed(futures):
-                if collect(fut.result()):
-                    busy.append(futures[fut])
-                bar.update(1)
+            try:
+                for fut in as_completed(futures):
+                    if collect(fut.result()):
+                        busy.append(futures[fut])
+                    bar.update(1)
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)  # a fatal error: start nothing new
+                raise
     bar.close()
     return busy
 

@@ -59,7 +59,7 @@ class Scan:
 def list_inputs(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
-    files = sorted(p for p in path.glob("*.h5") if not p.name.startswith("."))
+    files = sorted(p for p in path.glob("*.h5") if not p.name.startswith(".") and p.is_file())
     if not files:
         raise DataError("no .h5 files to reconstruct", path)
     return files
@@ -471,6 +471,10 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         from .fsutil import write_json
 
         write_json(out / "lambda_choice.json", lam_record)
+    try:
+        (out / ".partial").rmdir()  # only when empty: another process may still be writing into it
+    except OSError:
+        pass
     if failed:
         raise DataError(f"{len(failed)} of {len(files)} input file(s) failed (the others were reconstructed); "
                         f"first: {failed[0]}")

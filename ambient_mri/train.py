@@ -346,6 +346,7 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     import torch
 
     from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
+    from .datasets import read_manifest
     from .fsutil import make_dir
 
     env = dist_env()
@@ -396,6 +397,7 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     if ck is None and (out / "checkpoints").is_dir() and any((out / "checkpoints").glob("ckpt_*.pt")):
         raise ConfigError("this run folder already holds checkpoints: pass --resume, or choose another --out", out)
     init_ck = load_checkpoint(init) if init is not None else None  # fail on a bad --init before any work
+    read_manifest(data)  # and on a missing or malformed dataset, before the run folder is created
     make_dir(out)
     if env.main:
         remove_stale_temporaries(out)  # half-written checkpoints of a killed run (hidden, never loaded)

@@ -128,6 +128,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="Smoke test: a subset, few steps (< 10 minutes).")
     ap.add_argument("--size", type=int, default=64, help="Matrix size of the SIAT volumes.")
     ap.add_argument("--docs", type=Path, default=None, help="Write the Markdown report here (default: OUT/benchmarks.md).")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="Training steps of each of the three models (default: 3000; 20 with --quick).")
     ap.add_argument("--threads", type=int, default=1,
                     help="Torch threads per command (1 is fastest on a busy 2-core machine; jobs run side by side).")
     args = ap.parse_args()
@@ -135,6 +137,8 @@ def main():
         raise SystemExit(f"{args.shared} does not hold the SIAT data (see ../shared/data/README.md)")
     b = Bench(args.out.resolve(), args.quick, args.shared.resolve(), args.threads)
     S = settings(args.quick)
+    if args.steps:
+        S["steps"] = args.steps
     b.state.setdefault("settings", S)
     b.state["settings"] = S
     b.save()
