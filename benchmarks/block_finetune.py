@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The seed paper's own MRI settings, second benchmark script (about an hour on 2 CPU cores).
+"""The seed paper's own MRI settings, second benchmark script (about 40 minutes on 2 idle CPU cores).
 
 A. Block corruption: SIAT 64 x 64 training images with a random box of a quarter of the area missing
    (``prep --domain image --corruption box --level 0.25``). Train the image-domain ambient model
@@ -34,7 +34,7 @@ def settings(quick: bool) -> dict:
     if quick:
         return dict(steps=20, ft_steps=10, batch=4, dps_steps=8, dc_steps=4, test_slices=2, mem_samples=4,
                     mem_steps=6, ft_slices=8, quick=True)
-    return dict(steps=1500, ft_steps=600, batch=8, dps_steps=200, dc_steps=25, test_slices=20, mem_samples=64,
+    return dict(steps=1000, ft_steps=400, batch=8, dps_steps=100, dc_steps=25, test_slices=10, mem_samples=64,
                 mem_steps=18, ft_slices=50, quick=False)
 
 
@@ -103,6 +103,11 @@ def main():
     ck["oracle"] = str(main_out / "runs" / "oracle" / "checkpoint.pt")
 
     def recon():
+        import time
+
+        while not json.loads((main_out / "state.json").read_text()).get("train", {}).get("done"):
+            print("waiting for the main benchmark's oracle model to finish training", flush=True)
+            time.sleep(60)
         jobs = [("dc-ambient", "dc", "ambient"), ("dps-ambient", "adps", "ambient"), ("dc-oracle", "dc", "oracle"),
                 ("dps-oracle", "fsdps", "oracle"), ("dc-naive", "dc", "naive"), ("dps-naive", "adps", "naive"),
                 ("dc-ft_demo", "dc", "ft_demo"), ("dc-ft_scratch", "dc", "ft_scratch")]

@@ -1,0 +1,137 @@
+"""``ambient-mri demo``: the whole pipeline on built-in demo data, in a few minutes on a laptop CPU.
+
+1. Generate demo data (``data_prep.demo_data``: MNI152 anatomy from nilearn's wheel, simulated contrast,
+   phase and 8 birdcage coils, 64 x 64) in the fastMRI layout; nothing is downloaded or read from elsewhere.
+2. ``prep``: the train split at R = 4 (2-D Poisson-disc, 8 x 8 calibration centre; undersampled k-space only),
+   the val and test splits at R = 4 and R = 8.
+3. A short ambient training run from scratch on the undersampled train split, to show the loss falling.
+4. Reconstruction of the held-out test scans at R = 4 and R = 8 with the packaged demo checkpoint (trained
+   by ``ambient-mri train`` on the same undersampled train split; see docs/model_card_demo.md) and with
+   the classical baselines, then ``eval``: a PSNR/SSIM table and figures.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+DEMO_CHECKPOINT = Path(__file__).with_name("assets") / "demo_ckpt.pt"
+TRAIN_ACCEL, TEST_ACCELS = 4.0, (4.0, 8.0)
+# A-DPS step l for the demo checkpoint, chosen on the demo's *validation* volume demo_val_000 at R = 8
+# (100 steps; l = 0.2 / 1 / 3 gave 18.4 / 24.4 / 21.6 dB, docs/model_card_demo.md), never on the test scans
+ADPS_STEP_SIZE = 1.0
+DATA_OPTIONS = dict(n_train_volumes=24, n_val_volumes=3, n_test_volumes=3, slices_per_volume=10, size=64, coils=8,
+                    seed=0)
+
+
+def _stage(echo, t0, msg):
+    echo(f"[{time.perf_counter() - t0:6.1f} s] {msg}")
+
+
+def prepare_demo_data(out: Path, echo, t0, *, progress: bool) -> Path:
+    """Demo raw data and the prepared splits under ``out`` (reused when already there)."""
+    from data_prep.demo_data import existing_demo, generate_demo
+
+    from .prep import PrepOptions, run_prep
+
+    raw = out / "data"
+    if existing_demo(raw, **DATA_OPTIONS) is None:
+        _stage(echo, t0, f"generating demo data in {raw}")
+        generate_demo(raw, **DATA_OPTIONS)
+    common = dict(mask_type="poisson", center_lines=8, maps="espirit-torch", seed=0)
+    quiet = dict(progress=progress, echo=lambda m: None)
+    _stage(echo, t0, "prep: train split at R = 4 (undersampled k-space, mask and maps only)")
+    run_prep(raw / "train", out / "prep" / "train", PrepOptions(split="train", accel=(TRAIN_ACCEL,), **common),
+             workers=1, **quiet)
+    for split, seed in (("val", 1), ("test", 2)):
+        _stage(echo, t0, f"prep: {split} split at R = 4 and R = 8")
+        run_prep(raw / split, out / "prep" / split,
+                 PrepOptions(split=split, accel=TEST_ACCELS, **dict(common, seed=seed)), workers=1, **quiet)
+    return out / "prep"
+
+
+def short_training(prep: Path, run: Path, steps: int, echo, t0, *, progress: bool) -> tuple[float, float]:
+    """A short ambient run from scratch; returns the mean loss over the first and the last fifth of steps."""
+    import csv
+
+    from .train import train
+
+    _stage(echo, t0, f"train: {steps} ambient steps from scratch on the undersampled train split")
+    if not (run / "checkpoint.pt").exists():
+        train("demo", prep / "train", run, overrides=[f"train.steps={steps}", "train.log_every=5",
+                                                       "train.sample_every=0", f"train.ckpt_every={steps}"],
+              progress=progress, echo=lambda m: None)
+    with open(run / "metrics.csv", newline="") as f:
+        loss = [float(r["loss"]) for r in csv.DictReader(f)]
+    k = max(1, len(loss) // 5)
+    return sum(loss[:k]) / k, sum(loss[-k:]) / k
+
+
+def run_demo(out, *, train_steps: int = 150, checkpoint=None, adps_steps: int = 100, dc_steps: int = 25,
+             samples: int = 2, progress: bool = False, echo=click.echo) -> dict:
+    """Run every stage; returns ``{"summary": [...], "markdown", "figures", "loss": (first, last), "seconds"}``."""
+    from .evaluate import run_eval
+    from .recon import run_recon
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    ckpt = Path(checkpoint) if checkpoint else DEMO_CHECKPOINT
+    if not ckpt.exists():
+        raise click.ClickException(f"demo checkpoint {ckpt} is missing (reinstall the package)")
+    prep = prepare_demo_data(out, echo, t0, progress=progress)
+    first, last = short_training(prep, out / "runs" / "short", train_steps, echo, t0, progress=progress)
+    echo(f"         loss fell from {first:.3f} (first fifth of steps) to {last:.3f} (last fifth)")
+    recon_dirs = {}
+    for R in TEST_ACCELS:
+        test = prep / "test" / f"R{R:g}"
+        val = prep / "val" / f"R{R:g}"
+        rec = out / "recon" / f"R{R:g}"
+        runs = [("zf", {}), ("sense", {}), ("l1", dict(tune_on=val, tune_slices=4, l1_iters=50)),
+                ("aos", dict(checkpoint=ckpt)),
+                ("dc", dict(checkpoint=ckpt, steps=dc_steps, samples=samples, label=f"dc ({2 * dc_steps - 1} NFE)"))]
+        if adps_steps:
+            runs.append(("adps", dict(checkpoint=ckpt, steps=adps_steps, step_size=ADPS_STEP_SIZE,
+                                      label=f"adps ({adps_steps} NFE, 1 vol)", _first=True)))
+        for method, kw in runs:
+            first_only = kw.pop("_first", False)
+            label = kw.pop("label", method)
+            dest = rec / label.split(" ")[0]
+            _stage(echo, t0, f"recon R = {R:g}: {label}")
+            inputs = sorted(test.glob("*.h5"))[0] if first_only else test
+            run_recon(inputs, dest, method, label=label, nifti=False, quiet=not progress, batch=10, **kw)
+            recon_dirs.setdefault(R, []).append(dest)
+    results = {}
+    for R, dirs in recon_dirs.items():
+        _stage(echo, t0, f"eval R = {R:g}")
+        results[R] = run_eval(dirs, prep / "test" / f"R{R:g}", out / "report" / f"R{R:g}")
+    md = "\n".join(results[R]["markdown"] for R in TEST_ACCELS)
+    figures = [p for R in TEST_ACCELS for p in results[R]["figures"]]
+    return {"summary": {R: results[R]["summary"] for R in TEST_ACCELS}, "markdown": md, "figures": figures,
+            "loss": (first, last), "seconds": time.perf_counter() - t0}
+
+
+@click.command(name="demo")
+@click.option("--out", default="ambient_mri_demo", show_default=True, type=click.Path(file_okay=False),
+              help="Working folder (data, prepared splits, runs, reconstructions, report). Reused when rerun.")
+@click.option("--train-steps", default=150, show_default=True, help="Steps of the short training run.")
+@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
+              help="Use this checkpoint instead of the packaged demo checkpoint.")
+@click.option("--adps-steps", default=100, show_default=True,
+              help="A-DPS steps (on the first test volume only, to keep the demo short); 0 skips A-DPS.")
+@click.option("--dc-steps", default=25, show_default=True, help="Steps of our fast DC sampler (2 N - 1 NFEs).")
+@click.option("--samples", default=2, show_default=True, help="Posterior samples per scan for the DC sampler.")
+@click.option("--progress/--no-progress", default=False, show_default=True, help="Show progress bars.")
+def command(out, train_steps, checkpoint, adps_steps, dc_steps, samples, progress):
+    """Run the whole pipeline (data -> prep -> train -> recon -> eval) on built-in demo data and print a
+    PSNR/SSIM table and the figures written. Takes a few minutes on 2 CPU cores."""
+    res = run_demo(out, train_steps=train_steps, checkpoint=checkpoint, adps_steps=adps_steps, dc_steps=dc_steps,
+                   samples=samples, progress=progress)
+    click.echo("\nHeld-out demo test scans (PSNR/SSIM on magnitudes; A-DPS convention per slice, fastMRI per volume):\n")
+    click.echo(res["markdown"])
+    click.echo("Figures:")
+    for p in res["figures"]:
+        click.echo(f"  {p}")
+    click.echo(f"Tables: {Path(out) / 'report'}/R*/summary.md (CSV and JSON beside them)")
+    click.echo(f"Done in {res['seconds']:.0f} s.")
