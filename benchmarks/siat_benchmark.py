@@ -111,12 +111,12 @@ AMB = ["ambient-mri"]
 
 
 def settings(quick: bool) -> dict:
-    """Full run (about 2 hours on 2 CPU cores) or the --quick smoke test (a few minutes)."""
+    """Full run (about 2 hours on 2 CPU cores; DPS with 100 steps where the papers use 500, for the CPU budget) or the --quick smoke test (a few minutes)."""
     if quick:
         return dict(slices="0:60", steps=20, batch=4, dps_steps=8, dps_slices=2, dc_steps=4, mem_samples=4,
                     mem_steps=6, l_candidates=[1.0], tune_slices=2, l1_tune_slices=2, l1_iters=20,
                     l1_candidates=[1e-3, 1e-2], quick=True)
-    return dict(slices=None, steps=3000, batch=8, dps_steps=500, dps_slices=20, dc_steps=25, mem_samples=64,
+    return dict(slices=None, steps=2000, batch=8, dps_steps=100, dps_slices=20, dc_steps=25, mem_samples=64,
                 mem_steps=18, l_candidates=[0.3, 1.0, 3.0], tune_slices=4, l1_tune_slices=8, l1_iters=100,
                 l1_candidates=None, quick=False)
 
@@ -129,7 +129,7 @@ def main():
     ap.add_argument("--size", type=int, default=64, help="Matrix size of the SIAT volumes.")
     ap.add_argument("--docs", type=Path, default=None, help="Write the Markdown report here (default: OUT/benchmarks.md).")
     ap.add_argument("--steps", type=int, default=None,
-                    help="Training steps of each of the three models (default: 3000; 20 with --quick).")
+                    help="Training steps of each of the three models (default: 2000; 20 with --quick).")
     ap.add_argument("--threads", type=int, default=1,
                     help="Torch threads per command (1 is fastest on a busy 2-core machine; jobs run side by side).")
     args = ap.parse_args()
