@@ -1,9 +1,10 @@
 """Memory flatness of a long training run: process RSS over ``--steps`` steps of the ``tiny`` config.
 
 Runs the real ``ambient_mri.train.train`` (ambient k-space loss, further masks redrawn every step, Adam,
-EMA, metrics.csv/train.log/TensorBoard logging, a checkpoint every ``--ckpt-every`` steps) on a small
-synthetic prepared train split written to a temporary folder (``--size`` x ``--size``, ``--coils`` coils,
-``--slices`` slices, A-DPS line masks R = 4; the writer of ``benchmarks/train_throughput.py``).
+EMA, metrics.csv/train.log logging and TensorBoard when it imports, a checkpoint every ``--ckpt-every``
+steps) on a small synthetic prepared train split written to a temporary folder (``--size`` x ``--size``,
+``--coils`` coils, ``--slices`` slices, A-DPS line masks R = 4; the writer of
+``benchmarks/train_throughput.py``).
 
 RSS (``VmRSS`` of ``/proc/self/status``) is sampled
 
@@ -79,9 +80,13 @@ def main(argv=None) -> int:
     if args.from_step % args.log_every or args.steps % args.log_every or not 0 < args.from_step < args.steps:
         ap.error("--from-step and --steps must be multiples of --log-every, with 0 < --from-step < --steps")
 
+    import importlib.util
+
     import torch
 
     from ambient_mri import train as train_mod
+
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
     from ambient_mri.config import load_config
 
     rss = {}  # step -> (VmRSS kB, seconds since start)
@@ -114,7 +119,8 @@ def main(argv=None) -> int:
           f"{args.slices} slices {args.size}x{args.size}, {args.coils} coils, A-DPS R=4 (seed {args.seed})")
     print(f"machine: {platform.node()} | {_cpu_name()} | {os.cpu_count()} CPUs | load {_load()} | "
           f"torch {torch.__version__} threads {torch.get_num_threads()} | OMP_NUM_THREADS="
-          f"{os.environ.get('OMP_NUM_THREADS', 'unset')} | python {platform.python_version()}")
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')} | python {platform.python_version()} | TensorBoard logging "
+          f"{'on' if tensorboard else 'off (not installed)'}")
     print(f"trained {res['step']} steps in {wall:.1f} s ({res['step'] / wall:.1f} steps/s); "
           f"RSS before training {rss_start / 1024:.1f} MB")
     print()
