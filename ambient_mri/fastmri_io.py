@@ -48,7 +48,8 @@ def parse_header(xml: bytes | str) -> dict:
 
     Returns ``{"encoding_size": (x, y, z), "recon_size": (x, y, z), "encoding_fov_mm": (x, y, z),
     "padding_left": int, "padding_right": int}`` (padding as fastMRI's ``SliceDataset`` computes it).
-    Raises ``ValueError`` if the XML does not parse, lacks these fields or holds a non-finite number.
+    Raises ``xml.etree.ElementTree.ParseError`` if the XML does not parse, ``LookupError`` if its declaration
+    names an unknown encoding, ``ValueError`` if it lacks these fields or holds a non-finite number.
     """
     import math
 
@@ -250,7 +251,7 @@ class FastMRIVolume:
             raw = self._file["ismrmrd_header"][()]
             raw = raw.tobytes() if isinstance(raw, np.ndarray) else raw
             hdr = parse_header(raw)
-        except (ET.ParseError, *_H5_ERRORS) as e:
+        except (ET.ParseError, LookupError, *_H5_ERRORS) as e:  # LookupError: unknown XML encoding
             return self._header_fallback(fallback, f"'ismrmrd_header' does not parse ({_first_line(e)})")
         sizes = hdr["encoding_size"][:2] + hdr["recon_size"][:2]
         if any(not 1 <= s <= MAX_DIM for s in sizes):

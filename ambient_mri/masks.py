@@ -80,9 +80,31 @@ def _check(accel: float, n: int, n_center: int) -> None:
         raise ConfigError(f"calibration size {n_center} does not fit a matrix of {n}")
 
 
+def _check_seed(seed) -> int:
+    """Seeds are integers in [0, 2^32) (what numpy's ``RandomState`` accepts)."""
+    if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2**32):
+        raise ConfigError(f"mask seed must be an integer in [0, 2^32) (got {seed!r})")
+    return int(seed)
+
+
+def _check_shape(shape) -> tuple[int, int]:
+    """A 2-D matrix with both sides >= 1."""
+    if len(shape) != 2 or not all(isinstance(n, (int, np.integer)) and n >= 1 for n in shape):
+        raise ConfigError(f"mask shape must be two positive integers (got {tuple(shape)})")
+    return int(shape[0]), int(shape[1])
+
+
+def _check_fraction(name: str, value, upper_open: bool = True) -> None:
+    ok = value is not None and math.isfinite(value) and (0 <= value < 1 if upper_open else 0 <= value <= 1)
+    if not ok:
+        raise ConfigError(f"{name} must be in [0, 1{')' if upper_open else ']'} (got {value})")
+
+
 def _n_center(W: int, center_fraction: float | None, center_lines: int | None) -> int:
     if center_lines is not None:
         return int(center_lines)
+    if center_fraction is not None:
+        _check_fraction("center_fraction", center_fraction, upper_open=False)
     return int(round(W * (0.08 if center_fraction is None else center_fraction)))
 
 
@@ -99,7 +121,7 @@ def random_lines(W: int, accel: float, *, center_fraction: float | None = None, 
     """
     n_acs = _n_center(W, center_fraction, center_lines)
     _check(accel, W, n_acs)
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(_check_seed(seed))
     rng.randint(1)  # fastMRI first draws which (centre fraction, acceleration) pair to use
     prob = (W / accel - n_acs) / (W - n_acs) if W > n_acs else 0.0
     m = rng.uniform(size=W) < prob
@@ -111,6 +133,7 @@ def adps_lines(W: int, accel: float, *, center_lines: int = 20, seed: int = 0) -
     """A-DPS rule: exactly ``floor(W / R)`` lines, ``center_lines`` of them the central ACS block, the rest
     drawn uniformly without replacement from the outer lines."""
     _check(accel, W, center_lines)
+    _check_seed(seed)
     m = np.zeros(W, dtype=bool)
     m[center_slice(W, center_lines)] = True
     outer = np.flatnonzero(~m)
@@ -125,7 +148,7 @@ def equispaced_lines(W: int, accel: float, *, center_fraction: float | None = No
     ``R (n_acs - W) / (n_acs R - W)`` from a random offset, so that the total is about ``W / R``."""
     n_acs = _n_center(W, center_fraction, center_lines)
     _check(accel, W, n_acs)
-    rng = np.random.RandomState(seed)
+    rng = np.random.RandomState(_check_seed(seed))
     rng.randint(1)
     offset = rng.randint(0, high=round(accel))
     m = np.zeros(W, dtype=bool)
@@ -141,11 +164,17 @@ def gaussian_lines(W: int, accel: float, *, center_lines: int = 20, std_fraction
     """Variable-density lines: exactly ``floor(W / R)`` lines, the ACS block plus lines drawn without
     replacement with probability ``exp(-k^2 / (2 (std_fraction W)^2))`` of their distance ``k`` to the centre."""
     _check(accel, W, center_lines)
+    _check_seed(seed)
+    if not (math.isfinite(std_fraction) and std_fraction > 0):
+        raise ConfigError(f"std_fraction must be a positive number (got {std_fraction})")
     m = np.zeros(W, dtype=bool)
     m[center_slice(W, center_lines)] = True
     outer = np.flatnonzero(~m)
     k = outer - W // 2
-    p = np.exp(-(k**2) / (2 * (std_fraction * W) ** 2))
+    # log-density, shifted so its largest value is 0: a narrow profile cannot underflow to all zeros
+    logp = -(k.astype(float) ** 2) / (2 * (std_fraction * W) ** 2)
+    p = np.exp(logp - logp.max()) if logp.size else logp
+    p = np.maximum(p, np.finfo(float).tiny)  # every outer line stays drawable (numpy needs enough p > 0)
     n_rand = max(0, min(int(math.floor(W / accel)) - center_lines, outer.size))
     if n_rand > 0:  # (no outer line left to draw: p would be empty)
         m[np.random.default_rng(seed).choice(outer, n_rand, replace=False, p=p / p.sum())] = True
@@ -166,8 +195,11 @@ def poisson_disc(shape: tuple[int, int], accel: float, *, calib: tuple[int, int]
     seed, unlike rejection loops), then points are added or removed at random to hit the count exactly.
     The ``calib`` block is always fully sampled.
     """
-    H, W = shape
+    H, W = _check_shape(shape)
+    if not all(0 <= c <= n for c, n in zip(calib, (H, W))):
+        raise ConfigError(f"calibration block {tuple(calib)} does not fit a {H} x {W} matrix")
     _check(accel, H * W, calib[0] * calib[1])
+    _check_seed(seed)
     target = int(math.floor(H * W / accel))
     rng = np.random.default_rng(seed)
     order = rng.permutation(H * W).astype(np.int64)
@@ -300,7 +332,11 @@ def sigpy_poisson(shape: tuple[int, int], accel: float, *, calib: tuple[int, int
     matrices), seeds ``seed + 1000 k`` are tried in turn; the seed that worked is recorded."""
     import sigpy.mri
 
+    shape = _check_shape(shape)
+    if not all(0 <= c <= n for c, n in zip(calib, shape)):
+        raise ConfigError(f"calibration block {tuple(calib)} does not fit a {shape[0]} x {shape[1]} matrix")
     _check(accel, shape[0] * shape[1], calib[0] * calib[1])
+    _check_seed(seed)
     last = None
     for k in range(attempts):
         s = seed + 1000 * k
@@ -346,19 +382,18 @@ def kspace_mask(kind: str, shape: tuple[int, int], accel: float, *, center: int 
 
 def random_pixels(shape: tuple[int, int], p: float, *, seed: int = 0) -> np.ndarray:
     """Each pixel erased independently with probability ``p`` (kept with ``1 - p``)."""
-    if not 0 <= p < 1:
-        raise ConfigError(f"erasure probability must be in [0, 1) (got {p})")
-    return np.random.default_rng(seed).uniform(size=shape) >= p
+    _check_fraction("erasure probability", p)
+    shape = _check_shape(shape)
+    return np.random.default_rng(_check_seed(seed)).uniform(size=shape) >= p
 
 
 def random_box(shape: tuple[int, int], area_fraction: float, *, seed: int = 0) -> np.ndarray:
     """One square box covering ``area_fraction`` of the image erased at a uniformly random position."""
-    if not 0 <= area_fraction < 1:
-        raise ConfigError(f"box area fraction must be in [0, 1) (got {area_fraction})")
-    H, W = shape
+    _check_fraction("box area fraction", area_fraction)
+    H, W = shape = _check_shape(shape)
     side = int(round(math.sqrt(area_fraction * H * W)))
     bh, bw = min(side, H), min(side, W)
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(_check_seed(seed))
     top, left = rng.integers(0, H - bh + 1), rng.integers(0, W - bw + 1)
     m = np.ones(shape, dtype=bool)
     m[top : top + bh, left : left + bw] = False
@@ -398,6 +433,12 @@ def further_kspace_mask(mask: torch.Tensor, acs: tuple[int, int], *, further_acc
     """
     if (further_accel is None) == (delta is None):
         raise ConfigError("give exactly one of further_accel and delta")
+    if further_accel is not None and not (math.isfinite(further_accel) and further_accel >= 1):
+        raise ConfigError(f"further_accel must be a finite number >= 1 (got {further_accel})")
+    if delta is not None:
+        _check_fraction("delta", delta, upper_open=False)
+    if mask.dim() != 3:
+        raise ConfigError(f"mask must be (B, 1, W) or (B, H, W), got shape {tuple(mask.shape)}")
     B, h, W = mask.shape
     m = mask.reshape(B, h * W) > 0
     acs_block = torch.from_numpy(acs_region((h, W), acs).ravel()).to(mask.device)
@@ -419,6 +460,9 @@ def further_image_mask(mask: torch.Tensor, kind: str, level: float,
                        generator: torch.Generator | None = None) -> torch.Tensor:
     """Image-domain further corruption, ``mask`` ``(B, H, W)``: ``pixels`` erases a further fraction
     ``level`` (delta) of the surviving pixels; ``box`` erases a second random box of area fraction ``level``."""
+    if mask.dim() != 3:
+        raise ConfigError(f"mask must be (B, H, W), got shape {tuple(mask.shape)}")
+    _check_fraction(f"further {kind} level", level)
     B, H, W = mask.shape
     m = mask > 0
     if kind == "pixels":

@@ -10,9 +10,7 @@ calibration block sampled, reported acceleration = size / count, same output for
 file): opening and reading every slice either works (finite complex64 of the declared shape) or raises a
 one-line ``DataError`` naming the file.
 
-Inputs where the package is known to break the property are listed in ``KNOWN_BUGS``; each has a
-strict-xfail test below that reproduces it (when the package is fixed the xfail turns into a failure:
-then delete the entry and its ``assume`` filter). Example counts keep the file to well under a minute on
+Inputs the fuzzing once found breaking a property are kept as plain regression cases (``FOUND``). Example counts keep the file to well under a minute on
 one thread; ``AMBIENT_FUZZ_SCALE=50 pytest tests/test_fuzz.py --hypothesis-show-statistics`` hunts longer.
 """
 
@@ -70,8 +68,8 @@ NAN, INF = float("nan"), float("inf")
 # accelerations: plausible ones, absurd ones (< 1, 0, negative, NaN, +-inf, huge) and integers
 accels = st.one_of(st.floats(1.0, 16.0), st.sampled_from([0.0, -1.0, 0.5, 0.999, NAN, INF, -INF, 1e308]),
                    st.floats(allow_nan=True, allow_infinity=True), st.integers(-3, 5000))
-# seeds: prep derives mask seeds in [0, 2^31); the numpy generators accept [0, 2^32) (see KNOWN_BUGS)
-seeds = st.integers(0, 2**32 - 1)
+# seeds: valid ones [0, 2^32) and invalid ones (negative, too large): the latter must be a ConfigError
+seeds = st.one_of(st.integers(0, 2**32 - 1), st.integers(-5, -1), st.integers(2**32, 2**33))
 sizes = st.integers(-3, 80)
 center_lines = st.one_of(st.none(), st.integers(-4, 100))
 center_fractions = st.one_of(st.none(), st.floats(-1.0, 2.0), st.floats(allow_nan=False, allow_infinity=False))
@@ -96,21 +94,6 @@ def same_mask(a, b):
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs where the package breaks the property today (each reproduced by a strict xfail test below)
-
-def _bad_center_fraction(W, cf):  # masks._n_center: int(round(W * cf)) when W * cf is NaN / inf
-    return cf is not None and not math.isfinite(W * cf)
-
-
-def _both_negative(shape):  # _check sees a positive H * W; numpy then refuses "negative dimensions"
-    return shape[0] < 0 and shape[1] < 0
-
-
-def _calib_outside(shape, calib):  # poisson_disc accepts a calibration block outside the matrix
-    return any(not 0 <= c <= s for c, s in zip(calib, shape)) and 0 <= calib[0] * calib[1] <= shape[0] * shape[1]
-
-
-# ----------------------------------------------------------------------------------------------
 # 1-D line masks
 
 
@@ -120,7 +103,6 @@ def _calib_outside(shape, calib):  # poisson_disc accepts a calibration block ou
 def test_line_masks_are_valid_or_a_config_error(kind, W, accel, n, cf, seed):
     if kind in ("random", "equispaced"):
         fn = M.random_lines if kind == "random" else M.equispaced_lines
-        assume(not (n is None and _bad_center_fraction(W, cf)))
         call = lambda: fn(W, accel, center_fraction=cf, center_lines=n, seed=seed)  # noqa: E731
         n_acs = n if n is not None else int(round(W * (0.08 if cf is None else cf)))
     else:
@@ -147,7 +129,6 @@ def test_line_masks_are_valid_or_a_config_error(kind, W, accel, n, cf, seed):
 @fuzz(60)
 @given(H=sizes, W=sizes, accel=accels, calib=st.tuples(st.integers(-3, 90), st.integers(-3, 90)), seed=seeds)
 def test_poisson_disc_is_valid_or_a_config_error(H, W, accel, calib, seed):
-    assume(not _both_negative((H, W)) and not _calib_outside((H, W), calib))
     sm = outcome(M.poisson_disc, (H, W), accel, calib=calib, seed=seed)
     assert same_mask(sm, outcome(M.poisson_disc, (H, W), accel, calib=calib, seed=seed))
     if isinstance(sm, AmbientMRIError):
@@ -163,7 +144,6 @@ def test_poisson_disc_is_valid_or_a_config_error(H, W, accel, calib, seed):
 @given(H=st.integers(-2, 48), W=st.integers(-2, 48), accel=accels,
        calib=st.tuples(st.integers(0, 50), st.integers(0, 50)), seed=st.integers(0, 2**31 - 2**20))
 def test_sigpy_poisson_is_valid_or_a_config_error(H, W, accel, calib, seed):
-    assume(not _calib_outside((H, W), calib))  # (negative shapes are refused by its retry loop)
     sm = outcome(M.sigpy_poisson, (H, W), accel, calib=calib, seed=seed, attempts=3)
     if isinstance(sm, AmbientMRIError):
         assert isinstance(sm, ConfigError)
@@ -277,8 +257,9 @@ def test_further_image_mask_is_a_sub_mask(kind, B, H, W, base_level, level, seed
     mask = torch.from_numpy(base)
     f = outcome(M.further_image_mask, mask, kind, level, generator=torch.Generator().manual_seed(seed))
     if isinstance(f, AmbientMRIError):
-        assert isinstance(f, ConfigError) and kind not in M.IMAGE_KINDS
+        assert isinstance(f, ConfigError) and (kind not in M.IMAGE_KINDS or not 0 <= level < 1)
         return
+    assert 0 <= level < 1  # erasing everything (level >= 1) is refused
     assert f.shape == mask.shape and f.dtype == mask.dtype and torch.all(f <= mask)
     assert torch.equal(f, M.further_image_mask(mask, kind, level, generator=torch.Generator().manual_seed(seed)))
     if kind == "box":  # at most one box of the documented size is erased from each item
@@ -313,12 +294,11 @@ def header_texts():
 @fuzz(200)
 @given(text=header_texts())
 def test_parse_header_returns_sizes_or_raises_value_or_parse_error(text):
-    """``parse_header`` documents ``ValueError``; XML that does not parse raises ``ET.ParseError`` (a
-    ``SyntaxError``), which the reader catches explicitly. Nothing else may escape."""
-    assume(not (isinstance(text, bytes) and _unknown_encoding(text)))  # KNOWN_BUGS (a str ignores the declaration)
+    """``parse_header`` documents ``ValueError``, ``ET.ParseError`` (XML that does not parse) and ``LookupError``
+    (a declaration naming an unknown encoding); the reader catches all three. Nothing else may escape."""
     try:
         h = parse_header(text)
-    except (ValueError, ET.ParseError):
+    except (ValueError, ET.ParseError, LookupError):
         return
     assert set(h) == {"encoding_size", "recon_size", "encoding_fov_mm", "padding_left", "padding_right"}
     for key in ("encoding_size", "recon_size"):
@@ -486,7 +466,6 @@ def test_reader_on_generated_files_reads_valid_slices_or_raises_one_line_data_er
     """Files with hypothesis-chosen ``kspace`` (multi/single-coil, any rank/dtype, a group, absent; NaN/Inf;
     empty axes; compressed or not), ``mask``, ``ismrmrd_header`` (good, absurd sizes, arbitrary text or
     bytes, numbers), ``reconstruction_rss`` and ``acceleration`` attribute."""
-    assume(not _unknown_encoding(spec.get("ismrmrd_header")))
     with tempfile.TemporaryDirectory() as tmp:
         path = write_spec(Path(tmp) / "gen.h5", spec)
         result = check_volume(path)
@@ -554,32 +533,15 @@ def test_random_bytes_are_a_one_line_data_error(data, signature):
 
 
 # ----------------------------------------------------------------------------------------------
-# Known bugs: the failing examples, kept as strict xfails (see the module docstring)
-
-
-def _unknown_encoding(header) -> bool:
-    """An XML declaration naming an encoding Python does not know (parse_header raises LookupError)."""
-    import codecs
-
-    if header is None or isinstance(header, np.ndarray) and header.dtype.kind != "S":
-        return False
-    raw = bytes(header.tobytes() if isinstance(header, (np.ndarray, np.void)) else header)
-    found = re.match(rb"\s*<\?xml[^>]*encoding\s*=\s*['\"]([^'\"]*)['\"]", raw)
-    if not found:
-        return False
-    try:
-        codecs.lookup(found.group(1).decode("latin-1"))
-        return False
-    except LookupError:
-        return True
+# Inputs the fuzzing found breaking a property (all fixed), kept as regression cases
 
 
 def _ones(*shape):
     return torch.ones(*shape, dtype=torch.bool)
 
 
-# name -> (call, the exception it raises today, where). Locations are ambient_mri/masks.py unless named.
-KNOWN_BUGS = {
+# name -> (call, the exception it raised before the fix, where). Locations are ambient_mri/masks.py unless named.
+FOUND = {
     # parse_header: ET.fromstring raises LookupError for an XML declaration naming an unknown encoding
     # (fastmri_io.py:55); it is neither the documented ValueError nor ET.ParseError, and
     # FastMRIVolume._read_header (fastmri_io.py:253) catches only those and the h5py errors: see the reader test.
@@ -644,18 +606,18 @@ def _property_holds(fn) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(name, marks=pytest.mark.xfail(strict=True, raises=exc,
-                                               reason=f"package bug ({exc.__name__}, {where})"))
-    for name, (_, exc, where) in KNOWN_BUGS.items()])
-def test_known_bug_still_breaks_the_property(name):
-    assert _property_holds(KNOWN_BUGS[name][0])
+@pytest.mark.parametrize("name", [n for n in FOUND if n != "parse_header_unknown_encoding"])
+def test_former_fuzz_finding_now_gives_a_valid_mask_or_a_config_error(name):
+    assert _property_holds(FOUND[name][0])
 
 
-@pytest.mark.xfail(strict=True, raises=LookupError,
-                   reason="FastMRIVolume lets parse_header's LookupError (unknown XML encoding) escape: "
-                          "fastmri_io.py:55 raises it, fastmri_io.py:253 does not catch it")
-def test_known_bug_reader_unknown_xml_encoding(tmp_path):
+def test_reader_falls_back_on_a_header_naming_an_unknown_xml_encoding(tmp_path):
+    with pytest.raises(LookupError):  # parse_header documents it ...
+        FOUND["parse_header_unknown_encoding"][0]()
     p = raw_file(tmp_path / "enc.h5", kspace=kspace(np.random.default_rng(0), S=1, C=1, H=8, W=8),
                  ismrmrd_header=np.bytes_(b'<?xml version="1.0" encoding="bogus"?><ismrmrdHeader/>'))
-    assert check_volume(p) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with FastMRIVolume(p) as vol:  # ... and the reader falls back to the array sizes
+            assert vol.header["source"] == "array" and vol.shape == (1, 1, 8, 8)
+            assert np.isfinite(vol.slice(0)).all()
