@@ -496,11 +496,11 @@ def draw_training_further_masks(corruption: dict, batch: int, *, seed: int = 0) 
     if domain == "clean":
         return torch.ones(batch, H, W, dtype=torch.bool)
     if domain == "image":
-        m = np.stack([image_mask(corruption["kind"], (H, W), corruption["level"], seed=seed * 7919 + b)
+        m = np.stack([image_mask(corruption["kind"], (H, W), corruption["level"], seed=(seed * 7919 + b) % 2**32)
                       for b in range(batch)])
         return further_image_mask(torch.from_numpy(m), corruption["kind"], corruption["further_level"], generator=g)
     m = np.stack([kspace_mask(corruption["mask_kind"], (H, W), corruption["accel"], center=corruption.get("center"),
-                              seed=seed * 7919 + b).mask for b in range(batch)])
+                              seed=(seed * 7919 + b) % 2**32).mask for b in range(batch)])
     key = "further_accel" if corruption.get("further_accel") is not None else "delta"
     return further_kspace_mask(torch.from_numpy(m), tuple(corruption["acs"]), generator=g,
                                **{key: corruption[key]})
