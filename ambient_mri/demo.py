@@ -70,7 +70,7 @@ def short_training(prep: Path, run: Path, steps: int, echo, t0, *, progress: boo
 
 
 def run_demo(out, *, train_steps: int = 150, checkpoint=None, adps_steps: int = 100, dc_steps: int = 25,
-             samples: int = 2, progress: bool = False, echo=click.echo) -> dict:
+             samples: int = 1, progress: bool = False, echo=click.echo) -> dict:
     """Run every stage; returns ``{"summary": [...], "markdown", "figures", "loss": (first, last), "seconds"}``."""
     from .evaluate import run_eval
     from .recon import run_recon
@@ -121,7 +121,8 @@ def run_demo(out, *, train_steps: int = 150, checkpoint=None, adps_steps: int = 
 @click.option("--adps-steps", default=100, show_default=True,
               help="A-DPS steps (on the first test volume only, to keep the demo short); 0 skips A-DPS.")
 @click.option("--dc-steps", default=25, show_default=True, help="Steps of our fast DC sampler (2 N - 1 NFEs).")
-@click.option("--samples", default=2, show_default=True, help="Posterior samples per scan for the DC sampler.")
+@click.option("--samples", default=1, show_default=True,
+              help="Posterior samples per scan for the DC sampler (2 or more add standard-deviation maps; slower).")
 @click.option("--progress/--no-progress", default=False, show_default=True, help="Show progress bars.")
 def command(out, train_steps, checkpoint, adps_steps, dc_steps, samples, progress):
     """Run the whole pipeline (data -> prep -> train -> recon -> eval) on built-in demo data and print a
