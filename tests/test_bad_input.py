@@ -38,12 +38,7 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1")
 QUIET = dict(progress=False, echo=lambda m: None)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def run_cli(capsys, argv) -> tuple[int, list[str]]:

@@ -3,19 +3,13 @@
 import json
 
 import pytest
-import torch
 
 from ambient_mri import demo
 from ambient_mri.checkpoint import load_checkpoint
 from ambient_mri.cli import main as cli_main
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def test_packaged_demo_checkpoint_is_small_and_trained_on_undersampled_data_only():

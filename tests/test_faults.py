@@ -39,12 +39,7 @@ PREP_OPTS = PrepOptions(split="val", accel=(4.0,), mask_type="poisson", maps="lo
 TRAIN_OVERRIDES = ["train.steps=30", "train.ckpt_every=2", "train.log_every=1", "train.keep=3", "model.dropout=0.1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same single thread as the OMP_NUM_THREADS=1 subprocesses (bit-exact runs)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def ambient(*args):

@@ -43,12 +43,7 @@ def fuzz(n):
                                            HealthCheck.filter_too_much])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def outcome(fn, *args, **kw):

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import sigpy
 import sigpy.mri
-import torch
 from click.testing import CliRunner
 
 from ambient_mri import coils, masks
@@ -28,12 +27,7 @@ CROP = (64, 64)
 FAST = dict(crop=CROP, maps="lowres", center_lines=8)  # small, fast defaults for most runs
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny FFTs: threads only add overhead on a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def phantom_kspace(seed, S=S, C=C, H=H, W=W, noise=0.01):
