@@ -99,7 +99,9 @@ def test_line_masks_are_valid_or_a_config_error(kind, W, accel, n, cf, seed):
     if kind in ("random", "equispaced"):
         fn = M.random_lines if kind == "random" else M.equispaced_lines
         call = lambda: fn(W, accel, center_fraction=cf, center_lines=n, seed=seed)  # noqa: E731
-        n_acs = n if n is not None else int(round(W * (0.08 if cf is None else cf)))
+        frac = 0.08 if cf is None else cf
+        # (a fraction outside [0, 1] or a NaN must be refused; -1 stands for "no valid ACS size")
+        n_acs = n if n is not None else (int(round(W * frac)) if 0 <= frac <= 1 else -1)
     else:
         fn = M.adps_lines if kind == "adps" else M.gaussian_lines
         n_acs = 20 if n is None else n
