@@ -65,12 +65,12 @@ def main():
         for f in files:
             if left <= 0:
                 break
-            left -= _subset_image(f, b.out / "prep" / "test" / f.name, left)
+            left -= sb._subset(f, b.out / "prep" / "test" / f.name, left)
         left = S["ft_slices"]  # the first 50 training slices: the small fine-tuning set
         for f in sorted((b.out / "prep" / "train").glob("*.h5")):
             if left <= 0:
                 break
-            left -= _subset_image(f, b.out / "prep" / "train50" / f.name, left)
+            left -= sb._subset(f, b.out / "prep" / "train50" / f.name, left)
 
     b.stage("prep", prep)
 
@@ -156,28 +156,6 @@ def main():
     dest = args.docs or (b.out / "block_finetune.md")
     dest.write_text(report)
     print(f"report: {dest}")
-
-
-def _subset_image(src: Path, dst: Path, n: int) -> int:
-    """The first ``n`` slices of a prepared image-domain file (and its manifest entry)."""
-    import h5py
-
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(src) as f, h5py.File(dst, "w") as g:
-        S = f["mask"].shape[0]
-        k = min(n, S)
-        for key in f:
-            g[key] = f[key][:k] if f[key].ndim and f[key].shape[0] == S else f[key][()]
-        g.attrs.update(dict(f.attrs))
-    man = json.loads((src.parent / "manifest.json").read_text())
-    mpath = dst.parent / "manifest.json"
-    sub = json.loads(mpath.read_text()) if mpath.exists() else dict(man, files=[])
-    entry = next(e for e in man["files"] if e["file"] == src.name)
-    entry = dict(entry, slices=k, **{key: entry[key][:k] for key in ("slice_index", "mask_seed", "norm")
-                                     if isinstance(entry.get(key), list)})
-    sub["files"] = [e for e in sub["files"] if e["file"] != src.name] + [entry]
-    mpath.write_text(json.dumps(sub, indent=2))
-    return k
 
 
 def _box_scores(b, dirs) -> dict:

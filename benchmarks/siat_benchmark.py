@@ -301,9 +301,10 @@ def _subset(src: Path, dst: Path, n: int) -> int:
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(src) as f, h5py.File(dst, "w") as g:
-        k = min(n, f["kspace"].shape[0])
+        S = f["slice_index"].shape[0]  # every prepared file, k-space or image domain, has one entry per slice
+        k = min(n, S)
         for key in f:
-            g[key] = f[key][:k] if f[key].ndim and f[key].shape[0] == f["kspace"].shape[0] else f[key][()]
+            g[key] = f[key][:k] if f[key].ndim and f[key].shape[0] == S else f[key][()]
         g.attrs.update(dict(f.attrs))
     man = json.loads((src.parent / "manifest.json").read_text())
     mpath = dst.parent / "manifest.json"
