@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""The seed paper's own MRI settings, second benchmark script (about 40 minutes on 2 idle CPU cores).
+"""The seed paper's own MRI settings, second benchmark script (72 minutes on 2 CPU cores while the main benchmark trained beside it).
 
 A. Block corruption: SIAT 64 x 64 training images with a random box of a quarter of the area missing
    (``prep --domain image --corruption box --level 0.25``). Train the image-domain ambient model
