@@ -297,8 +297,9 @@ class FastMRIVolume:
 
     @property
     def readout_oversampled(self) -> bool:
-        """Header encoded readout size larger than the recon size (fastMRI: 640 > 320)."""
-        return self.header["encoding_size"][0] > self.header["recon_size"][0]
+        """The header's encoded readout is at least twice the recon readout (fastMRI: 640 = 2 x 320): the
+        image corner then lies outside the reconstructed field of view (prewhitening's noise region)."""
+        return self.header["encoding_size"][0] >= 2 * self.header["recon_size"][0]
 
     @property
     def reference_key(self) -> str | None:

@@ -3,7 +3,8 @@
 Per slice ``k`` ``(C, H, W)`` (:func:`prepare_slice`; :func:`prepare_volume` does a whole file):
 
 1. prewhiten ``k <- L^-1 k`` over coils, ``Psi = L L^H`` the noise covariance of the 30 x 30 corner of the
-   coil images (default: only when the header's encoded readout is larger than the recon readout);
+   coil images (default: only when the header's readout is 2x oversampled, and only slices whose corner
+   is noise: neighbouring pixels no more correlated than noise through the mask, :func:`prewhiten_slice`);
 2. centre crop to ``(h, w)``: in image space (fastMRI's ``center_crop(ifft2c(k))``) for fully sampled
    input; for input that carries its own mask, the readout ``H`` in image space (a 1-D FFT per column,
    which keeps every unsampled line exactly zero) and the phase-encode axis in k-space (keep the
@@ -69,7 +70,7 @@ def maps_methods() -> tuple[str, ...]:
 class PrepOptions:
     """Everything that changes the prepared data (``workers`` and ``nifti`` do not, so they are not here).
 
-    ``whiten``: ``None`` = automatic (on when the header's encoded readout exceeds the recon readout);
+    ``whiten``: ``None`` = automatic (tried when the header's readout is 2x oversampled, :func:`whitening_mode`);
     ``crop``: ``(h, w)`` or ``None`` (keep the matrix); ``coils``: virtual coils or ``None`` (keep);
     ``calib``: side of the square calibration block for maps and norm, ``None`` = the mask's fully
     sampled centre (image domain: 24); ``slices``: a selection such as ``"0:5"``, ``"2"``, ``"0,4,8"``.
@@ -256,10 +257,55 @@ def calibration_block(mask: np.ndarray) -> tuple[int, int]:
     return int(n[full].max()), int(n[full].max())
 
 
-def prewhiten_slice(kspace: np.ndarray, corner: int = NOISE_CORNER):
-    """Whiten ``kspace (C, H, W)`` with the noise of the ``corner x corner`` top-left corner of the coil
-    images. Returns ``(whitened k-space, None)``, or ``(kspace, reason)`` when the corner holds no
-    usable noise (fewer samples than coils, no power, singular covariance)."""
+CORNER_SMOOTH_MAX = 0.25  # the largest share of the noise corner's power allowed to be spatially smooth
+
+
+def noise_neighbour_correlation(mask: np.ndarray) -> np.ndarray:
+    """Correlation between neighbouring pixels of white k-space noise seen through ``mask (H, W)``:
+    ``rho_a = |sum_k M(k) exp(2 pi i k_a / N_a)| / sum_k M(k)`` for ``a`` = H, W (the normalised point-spread
+    function of ``M`` one pixel from its peak). Fully sampled: ``(0, 0)``. Returns ``(rho_H, rho_W)``."""
+    m = np.asarray(mask, dtype=np.float64)
+    rho = []
+    for axis in (0, 1):
+        n = m.shape[axis]
+        profile = m.sum(axis=1 - axis)  # samples per frequency along this axis
+        phase = np.exp(2j * np.pi * (np.arange(n) - n // 2) / n)
+        rho.append(abs(np.sum(profile * phase)) / max(profile.sum(), 1e-30))
+    return np.asarray(rho)
+
+
+def corner_neighbour_correlation(corner_images: np.ndarray) -> np.ndarray:
+    """``r_a = |sum_{c,p} conj(I_c(p)) I_c(p + e_a)| / sum_{c,p} |I_c(p)|^2`` (pooled over coils, no mean
+    removed) of coil-image patches ``(C, h, w)``: ~0 for white noise, ~1 for a smooth image. Returns
+    ``(r_H, r_W)``."""
+    x = np.asarray(corner_images, dtype=np.complex128)
+    power = np.sum(np.abs(x) ** 2)
+    r_h = abs(np.vdot(x[:, :-1], x[:, 1:])) / max(power, 1e-300)
+    r_w = abs(np.vdot(x[:, :, :-1], x[:, :, 1:])) / max(power, 1e-300)
+    return np.asarray([r_h, r_w])
+
+
+def corner_smooth_fraction(patch: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """How much of an image-corner patch's power ``(C, h, w)`` is *not* noise, per axis:
+    ``f_a = (r_a - rho_a) / (1 - rho_a)`` with ``r_a`` the measured neighbour correlation
+    (:func:`corner_neighbour_correlation`) and ``rho_a`` that of white noise through the sampling ``mask``
+    (:func:`noise_neighbour_correlation`, ``mask (H, W)``). A corner that is ``f`` smooth image
+    (neighbour correlation ~1) and ``1 - f`` noise gives ``f_a ~ f``: ~0 for a genuine noise corner (the
+    removed half of a 2x-oversampled readout), large for an aliased object. ``NaN`` where ``rho_a`` is so
+    close to 1 that noise and image cannot be told apart. Returns ``(f_H, f_W)``."""
+    r = corner_neighbour_correlation(patch)
+    rho = noise_neighbour_correlation(mask)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(rho < 0.9, (r - rho) / (1 - rho), np.nan)
+
+
+def prewhiten_slice(kspace: np.ndarray, corner: int = NOISE_CORNER, mask: np.ndarray | None = None):
+    """Whiten ``kspace (C, H, W)`` (zero where ``mask`` is 0; ``None`` = fully sampled) with the noise
+    covariance ``Psi`` of the ``corner x corner`` top-left corner of the coil images: ``k <- L^-1 k``,
+    ``Psi = L L^H``. Returns ``(whitened k-space, None)``, or ``(kspace, reason)`` when the corner is not
+    usable noise: fewer samples than coils, no power, neighbouring pixels more correlated than noise through
+    ``mask`` would be (:func:`corner_smooth_fraction` > ``CORNER_SMOOTH_MAX``: an object or its aliases,
+    e.g. a readout that is not oversampled), or a singular covariance."""
     from .coils import noise_covariance, noise_from_corner, prewhiten
     from .fft import ifft2c
 
@@ -268,15 +314,50 @@ def prewhiten_slice(kspace: np.ndarray, corner: int = NOISE_CORNER):
     if size * size <= C:
         return kspace, f"the {size}x{size} noise corner has fewer samples than the {C} coils"
     noise = noise_from_corner(kspace, size)
-    p_noise = float(np.mean(np.abs(noise) ** 2))
-    p_img = float(np.mean(np.abs(ifft2c(kspace)) ** 2))
+    p_noise = float(np.mean(np.abs(noise.astype(np.complex128)) ** 2))
+    p_img = float(np.mean(np.abs(ifft2c(kspace).astype(np.complex128)) ** 2))
     if not np.isfinite(p_noise) or p_noise <= 1e-12 * p_img:
         return kspace, f"the {size}x{size} image corner holds no noise"
+    m = np.ones((H, W)) if mask is None else np.broadcast_to(as_mask2d(mask, H, W), (H, W))
+    f = corner_smooth_fraction(noise.reshape(C, size, size), m)
+    if np.isnan(f).any():
+        return kspace, f"the sampling mask correlates neighbouring pixels too much to tell noise in the {size}x{size} corner"
+    if f.max() > CORNER_SMOOTH_MAX:
+        return kspace, (f"the {size}x{size} image corner is not noise: its neighbouring pixels correlate like an image "
+                        f"(smooth share {f.max():.2f} > {CORNER_SMOOTH_MAX}: an object or its aliases)")
     cov = noise_covariance(noise)
     ev = np.linalg.eigvalsh(cov)
     if ev.min() <= 1e-10 * ev.max():
         return kspace, "the noise covariance of the image corner is singular"
     return prewhiten(kspace, cov), None
+
+
+def whitening_mode(requested: bool | None, vol) -> tuple[bool | str, str | None]:
+    """Resolve ``--whiten/--no-whiten`` (``requested``: ``True``, ``False``, ``None`` = automatic) for an open
+    volume: ``(whiten, note)`` with ``whiten`` ``True`` (whiten or fail), ``"try"`` (whiten each slice whose
+    corner passes :func:`prewhiten_slice`'s checks, else keep it and note why) or ``False``. Automatic =
+    ``"try"`` only when the header's readout is 2x oversampled (``vol.readout_oversampled``: then the
+    corner lies outside the reconstructed field of view), else ``False``. An explicit ``--whiten`` overrides
+    the header (the corner is still checked) and says so in ``note``."""
+    if requested is False:
+        return False, None
+    enc, rec = vol.header["encoding_size"][0], vol.header["recon_size"][0]
+    if requested is None:
+        return ("try", None) if vol.readout_oversampled else (False, None)
+    if not vol.readout_oversampled:
+        return True, f"prewhitened on request although the header's readout is not 2x oversampled (encoded {enc}, recon {rec})"
+    return True, None
+
+
+def whitening_note(whitened, notes) -> str | None:
+    """One line for the user when slices were left unwhitened: ``"not prewhitened (k of n slices): reason"``
+    (``whitened``: per-slice booleans; ``notes``: the slices' warnings), or ``None``."""
+    whitened = np.asarray(whitened, dtype=bool)
+    reasons = [w for w in notes if w.startswith("not prewhitened")]
+    if not reasons or whitened.all():
+        return None
+    n_off = int((~whitened).sum())
+    return f"not prewhitened ({n_off} of {whitened.size} slices): {reasons[0].removeprefix('not prewhitened: ')}"
 
 
 def acs_norm(kspace: np.ndarray, calib: int) -> float:
@@ -391,7 +472,7 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
     # 1. prewhitening (before the crop: the corner lies in the oversampled readout)
     whitened = False
     if whiten:
-        k_w, reason = prewhiten_slice(k)
+        k_w, reason = prewhiten_slice(k, mask=m_in)
         if reason is None:
             k, whitened = k_w, True
         elif whiten == "try":
@@ -530,10 +611,7 @@ def plan_volume(vol, options: PrepOptions) -> VolumePlan:
     else:
         acs = None
     calib = resolve_calib(options, acs, (h, w), p if mask is not None else None)
-    if options.whiten is None:
-        whiten = "try" if vol.readout_oversampled else False
-    else:
-        whiten = options.whiten
+    whiten, whiten_note = whitening_mode(options.whiten, vol)
     hdr = vol.header
     fov, enc = hdr["encoding_fov_mm"], hdr["encoding_size"]
     dx, dy = fov[0] / enc[0], fov[1] / enc[1]
@@ -541,7 +619,8 @@ def plan_volume(vol, options: PrepOptions) -> VolumePlan:
         dy *= W / w
     return VolumePlan(path=Path(p), indices=indices, whiten=whiten, out_shape=(h, w), calib=calib,
                       single_coil=vol.single_coil, undersampled=vol.is_undersampled, input_accel=vol.acceleration,
-                      voxel_size_mm=(float(dx), float(dy), float(fov[2])), warnings=list(vol.warnings))
+                      voxel_size_mm=(float(dx), float(dy), float(fov[2])),
+                      warnings=list(vol.warnings) + ([whiten_note] if whiten_note else []))
 
 
 def iter_prepared(vol, options: PrepOptions, plan: VolumePlan | None = None):
@@ -702,6 +781,9 @@ def _write_volume_unit(unit: dict) -> dict:
             for t, f in files.items():
                 for k, v in _file_attrs(plan, opts, t, rows[t], digest).items():
                     f.attrs[k] = v
+            first = next(iter(rows.values()))
+            note = whitening_note([r["whitened"] for r in first], [w for r in first for w in r["warnings"]])
+            res["notes"] = [note] if note else []
         res["written"] = [os.fspath(o) for o in todo.values()]  # renamed into place when the stack closed
     except AmbientMRIError as e:
         res.update(status="failed", error=str(e), fatal=isinstance(e, OutputError))
@@ -884,6 +966,8 @@ def run_prep(input_path, output, options: PrepOptions, *, workers: int = 1, nift
         if res["status"] == "failed":
             failed.append({"source": res["source"], "error": res["error"]})
             echo(f"failed: {res['error']}")
+        for note in res.get("notes", []):
+            echo(f"note: {res['source']}: {note}")
         return bool(res["busy"])
 
     busy = _run_units(units, workers, progress, collect)
@@ -1015,9 +1099,10 @@ skipped with a one-line error and the exit status is 1. See docs/prep.md and doc
               help="Side of the centred square calibration block used for maps, coil compression and the "
                    "norm; at most the mask's fully sampled centre. Default: that centre (image domain: 24).")
 @click.option("--whiten/--no-whiten", default=None,
-              help="Prewhiten the coils with the noise of the 30x30 image corner. Default: on only when the "
-                   "header's encoded readout is larger than the recon readout (oversampled, e.g. fastMRI 640 > "
-                   "320), skipped with a warning if the corner holds no noise.")
+              help="Prewhiten the coils with the noise of the 30x30 image corner. Default: only when the "
+                   "header's readout is 2x oversampled (fastMRI 640 = 2 x 320), and per slice only when the "
+                   "corner is noise (neighbouring pixels uncorrelated, not an aliased object), with a one-line "
+                   "note otherwise. --whiten: whiten even without oversampling; fail if the corner is not noise.")
 @click.option("--reference", type=click.Choice(REFERENCE_KINDS), default="cg-sense", show_default=True,
               help="val/test reference image: cg-sense (30 CG iterations on the fully sampled k-space and the "
                    "maps) or rss (root sum of squares).")

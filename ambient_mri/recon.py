@@ -111,18 +111,23 @@ def load_prepared(path: Path) -> Scan:
     return Scan(path, y, maps, mask, norm, idx, "prepared", attrs)
 
 
-def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, crop) -> Scan:
-    """Prepare a raw fastMRI file in memory (``prep.prepare_volume``)."""
+def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, crop, whiten=None, echo=None) -> Scan:
+    """Prepare a raw fastMRI file in memory (``prep.prepare_volume``). ``whiten``: ``True``/``False``/``None``
+    (automatic: only a 2x-oversampled readout whose image corner is noise, ``prep.whitening_mode``);
+    ``echo(line)`` gets one line naming the file when slices were left unwhitened for a reason."""
     from .fastmri_io import FastMRIVolume
-    from .prep import PrepOptions, prepare_volume
+    from .prep import PrepOptions, prepare_volume, whitening_note
 
     with FastMRIVolume(path) as vol:
         if not vol.is_undersampled and accel is None:
             raise ConfigError("this file is fully sampled: give --accel (and --mask-type) to undersample it", path)
         opts = PrepOptions(split="test", accel=(float(accel or 4.0),), mask_type=mask_type, seed=seed,
-                           center_lines=center_lines, maps=maps_method, crop=crop)
+                           center_lines=center_lines, maps=maps_method, crop=crop, whiten=whiten)
         arrays = prepare_volume(vol, opts.validate())
     attrs = dict(arrays["attrs"])
+    note = whitening_note(attrs["whitened"], json.loads(attrs["warnings"]))
+    if note and echo is not None:
+        echo(f"note: {path}: {note}")
     return Scan(path, arrays["kspace"], arrays["maps"], arrays["mask"], np.asarray(arrays["norm"]),
                 arrays["slice_index"], "raw", attrs)
 
@@ -278,6 +283,8 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
         attrs["checkpoint_step"] = rec.meta["step"]
     if rec.lam is not None:
         attrs["lam"] = rec.lam
+    if scan.attrs.get("whitened") is not None:  # per-slice prewhitening of the input (prepared or raw)
+        attrs["whitened"] = np.asarray(scan.attrs["whitened"], dtype=bool)
     if nifti:  # the by-products first: the .h5, written last, marks the file as finished
         write_nifti(out / f"{scan.path.stem}.nii.gz", np.abs(mean))
     if png:
@@ -367,8 +374,9 @@ def tune_lambda(val_dir: Path, slices: int, l1_iters: int, candidates=None) -> d
 def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, seed=0, accel=None, mask_type="adps",
               center_lines=None, batch=8, device="auto", lam=None, tune_on=None, tune_slices=8, step_size=None,
               cg_iters=None, churn=None, shard=None, label=None, matrix="refuse", maps_method="espirit",
-              sense_iters=30, l1_iters=100, nifti=True, png=True, ema=True, quiet=False) -> list[Path]:
-    """Reconstruct every input file; returns the written outputs (skipping finished ones)."""
+              sense_iters=30, l1_iters=100, nifti=True, png=True, ema=True, quiet=False, whiten=None) -> list[Path]:
+    """Reconstruct every input file; returns the written outputs (skipping finished ones). ``whiten``
+    applies to raw inputs only (``True``/``False``/``None`` = automatic, as ``prep --whiten``)."""
     import torch
     from tqdm import tqdm
 
@@ -422,7 +430,7 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     make_dir(out)
     options = {"method": method, "checkpoint": str(checkpoint) if checkpoint else None, "steps": rec.steps or rec.default_steps(),
                "samples": samples, "seed": seed, "accel": accel, "mask_type": mask_type, "lam": lam,
-               "lam_choice": lam_record, "sampler": kwargs, "matrix": matrix, "shard": shard}
+               "lam_choice": lam_record, "sampler": kwargs, "matrix": matrix, "shard": shard, "whiten": whiten}
     written, failed = [], []
     label = label or method
     for p in files:
@@ -440,7 +448,8 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
                     scan = load_prepared(p)
                 else:
                     scan = load_raw(p, accel=accel, mask_type=mask_type, seed=seed, center_lines=center_lines,
-                                    maps_method=maps_method, crop=None)
+                                    maps_method=maps_method, crop=None, whiten=whiten,
+                                    echo=None if quiet else (lambda line: click.echo(line, err=True)))
             except DataError as e:  # a bad input file: report it, reconstruct the others
                 failed.append(str(e))
                 click.echo(f"failed: {e}", err=True)
@@ -514,6 +523,10 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
                    "or run the size-agnostic network at the scan's matrix.")
 @click.option("--maps", "maps_method", default="espirit", show_default=True,
               help="Coil-map method for raw inputs (espirit, lowres, espirit-torch).")
+@click.option("--whiten/--no-whiten", default=None,
+              help="Raw inputs: prewhiten the coils with the noise of the 30x30 image corner. Default: only when "
+                   "the header's readout is 2x oversampled and the corner is noise (as 'prep'); --whiten "
+                   "also without oversampling, failing if the corner is not noise.")
 @click.option("--sense-iters", default=30, show_default=True, help="CG-SENSE iterations.")
 @click.option("--l1-iters", default=100, show_default=True, help="L1-wavelet iterations.")
 @click.option("--nifti/--no-nifti", default=True, show_default=True, help="Also write a NIfTI magnitude volume.")
@@ -522,7 +535,7 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-file lines.")
 def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_type, center_lines, batch, device,
             lam, tune_on, tune_slices, step_size, cg_iters, churn, shard, label, matrix, maps_method, sense_iters,
-            l1_iters, nifti, png, ema, quiet):
+            l1_iters, nifti, png, ema, quiet, whiten):
     """Reconstruct undersampled scans; writes fastMRI-layout reconstructions (mean, std over samples, data
     consistency), NIfTI volumes and PNG previews. Resumable per slice; --shard splits a folder over
     processes or GPUs."""
@@ -530,6 +543,7 @@ def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_t
                         accel=accel, mask_type=mask_type, center_lines=center_lines, batch=batch, device=device,
                         lam=lam, tune_on=tune_on, tune_slices=tune_slices, step_size=step_size, cg_iters=cg_iters,
                         churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
-                        sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema, quiet=quiet)
+                        sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema, quiet=quiet,
+                        whiten=whiten)
     if not quiet:
         click.echo(f"wrote {len(written)} reconstruction(s) to {out}")

@@ -10,7 +10,9 @@ Written: ``kspace (1, 8, 230, 180)``, ``mask (230, 180)`` = where k-space is non
 ``acceleration`` = measured ``H W / samples``, ``num_low_frequency`` = side of the largest fully sampled
 centred square (``calibration_block`` attr: the largest centred block ``(h, w)``), and BART's own
 PICS + 2-set ESPIRiT reconstruction ``img`` as ``bart_pics_reconstruction`` ``(1, 2, 230, 180)``: a
-pseudo-reference, **not ground truth** (no fully sampled data exist).
+pseudo-reference, **not ground truth** (no fully sampled data exist). The ``ismrmrd_header`` is honest:
+encoded = recon matrix = ``(230, 180)`` (no axis is an oversampled readout, so nothing invites
+prewhitening from an image corner that holds the aliased object, not noise).
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ def convert_bart(source: str | os.PathLike, out: str | os.PathLike) -> Path:
                                  "a pseudo-reference, NOT ground truth; magnitude = RSS over the sets",
                   "bart_command": "pics ksp2 maps img", "axes": "(slices, map sets, H, W)"}
     return write_fastmri(
-        out, b["kspace"][None], mask=mask, acceleration=float(mask.size / mask.sum()),
+        out, b["kspace"][None], recon_size=mask.shape, mask=mask, acceleration=float(mask.size / mask.sum()),
         num_low_frequency=int(min(acs)), acquisition="AXT1", patient_id=BART_DIR,
         datasets={"bart_pics_reconstruction": (b["pics"][None].astype(np.complex64), pics_attrs)},
         extra_attrs={"source": f"{BART_DIR}/ksp.cfl", "calibration_block": np.asarray(acs, np.int64),

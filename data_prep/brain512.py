@@ -8,6 +8,7 @@ with neither structure is kept 2-D). Written: ``kspace (1, 512, 512)`` (zero out
 ``mask (512,)``, ``acceleration = W / lines``, ``num_low_frequency`` = the contiguous sampled run around
 the centre line, ``sampling_pdf`` attr (the file's 1-D sampling density). The image is ``ifft2c(kspace)``
 (the README's ``fftshift(ifft2(ifftshift(data)))`` times ``sqrt(H W)``: our FFT is orthonormal).
+Header: encoded = recon matrix = ``(512, 512)`` (the readout is not oversampled).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ def convert_brain512(source: str | os.PathLike, out: str | os.PathLike) -> Path:
     attrs = {"source": BRAIN512_FILE, "layout": b["layout"], "kspace_max_outside_mask": outside}
     if b["pdf"] is not None and np.ndim(b["pdf"]) == 1:
         attrs["sampling_pdf"] = np.asarray(b["pdf"], np.float32)
-    return write_fastmri(out, b["kspace"][None], mask=mask, acceleration=accel, num_low_frequency=nlf,
+    return write_fastmri(out, b["kspace"][None], recon_size=b["kspace"].shape, mask=mask, acceleration=accel, num_low_frequency=nlf,
                          acquisition="AXT2", patient_id="brain512", extra_attrs=attrs)
 
 

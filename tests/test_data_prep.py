@@ -348,6 +348,7 @@ def test_bart_mask_acceleration_and_zeros(shared_data, tmp_path):
     assert mask[acs_region(mask.shape, (h, w))].all()
     with FastMRIVolume(p) as v:
         assert v.is_undersampled and v.mask.shape == (230, 180)
+    assert_honest_header(p, (230, 180))  # both in-plane axes are phase encodes: nothing is oversampled
 
 
 @pytest.mark.shared_data
@@ -369,3 +370,21 @@ def test_brain512_mask_and_kspace_match_the_mat(shared_data, tmp_path):
     img = ifft2c(k[0])
     ref = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(mat["data"]))) * 512  # README's image, orthonormal scale
     assert np.allclose(img, ref, atol=1e-4 * np.abs(ref).max())
+    assert_honest_header(p, (512, 512))  # the head fills the 512-sample readout: not oversampled
+
+
+def assert_honest_header(path, shape):
+    """The ``ismrmrd_header`` XML itself (not the reader's interpretation): encoded = recon matrix = the
+    k-space plane, so nothing claims an oversampled readout; the reader then leaves whitening off."""
+    import xml.etree.ElementTree as ET
+
+    from ambient_mri.fastmri_io import ISMRMRD_NS
+
+    with h5py.File(path, "r") as f:
+        root = ET.fromstring(f["ismrmrd_header"][()])
+    ns = {"m": ISMRMRD_NS}
+    for space in ("encodedSpace", "reconSpace"):
+        size = tuple(int(root.find(f"m:encoding/m:{space}/m:matrixSize/m:{a}", ns).text) for a in "xy")
+        assert size == shape, space
+    with FastMRIVolume(path) as v:
+        assert not v.readout_oversampled and v.header["source"] == "header"
