@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import DataError
 from .fft import center_crop
-from .fsutil import atomic_path, write_json
+from .fsutil import atomic_path, make_dir, write_json
 
 SLICE_KEYS = ("psnr_adps", "ssim_adps", "nrmse_adps")
 VOLUME_KEYS = ("psnr_fastmri", "ssim_fastmri", "nmse_fastmri")
@@ -239,8 +239,7 @@ def figures(figs: list[dict], out: Path, per_figure: int = 3) -> list[Path]:
 def run_eval(recon_dirs, reference, out, *, foreground: bool = False) -> dict:
     """Evaluate and write ``metrics_slices.csv``, ``metrics_volumes.csv``, ``summary.json``,
     ``summary.md`` and figures into ``out``; returns the summary."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)  # an unwritable report folder: one line, before any scoring
     slice_rows, volume_rows, figs = evaluate_folders(recon_dirs, Path(reference), foreground=foreground)
     summary = summarise(slice_rows, volume_rows)
     _write_csv(out / "metrics_slices.csv", slice_rows)
