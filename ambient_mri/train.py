@@ -374,7 +374,10 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     out = Path(out)
     ck = None
     if resume:
-        found = latest_checkpoint(out, warn=echo if env.main else None)
+        try:
+            found = latest_checkpoint(out, warn=echo if env.main else None)
+        except DataError as e:  # checkpoint files are there, and every one is refused: nothing to continue
+            raise DataError(f"--resume: {e.problem}", e.path) from None
         if found is not None:
             ck_path, ck = found
             ck["training"]["resumed_from"] = os.fspath(ck_path)
