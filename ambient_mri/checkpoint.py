@@ -177,13 +177,14 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 
 
 def latest_checkpoint(run_dir, map_location="cpu", warn=None) -> tuple[Path, dict] | None:
-    """The newest complete checkpoint of a run folder: ``(path, payload)``, or ``None`` if there is none.
-    Unreadable files are skipped (``warn(message)`` is told)."""
+    """The newest complete checkpoint of a run folder: ``(path, payload)``, or ``None`` if it holds no
+    checkpoint file at all. Unreadable or refused files are skipped (``warn(message)`` is told of each); when
+    every file is refused, the newest one's :class:`DataError` is raised (which file, and why), never ``None``."""
     run_dir = Path(run_dir)
     cands = [p for _, p in reversed(list_snapshots(run_dir))]
     if (run_dir / LATEST).is_file():
         cands.insert(0, run_dir / LATEST)
-    best = None
+    best, refused = None, []
     for p in cands:
         m = _SNAP.match(p.name)
         if best is not None and m and int(m.group(1)) <= best[1]["step"]:
@@ -191,11 +192,16 @@ def latest_checkpoint(run_dir, map_location="cpu", warn=None) -> tuple[Path, dic
         try:
             ck = load_checkpoint(p, map_location)
         except DataError as e:
-            if warn:
-                warn(f"skipping {e}")
+            refused.append(e)
             continue
         if best is None or ck["step"] > best[1]["step"]:
             best = (p, ck)
+    if best is None and refused:
+        n = len(refused)
+        others = "the only checkpoint file" if n == 1 else f"the newest of {n} checkpoint files, all refused,"
+        raise DataError(f"{refused[0].problem} ({others} in the run folder {run_dir})", refused[0].path)
+    for e in refused if warn else ():
+        warn(f"skipping {e}")
     return best
 
 
@@ -219,7 +225,7 @@ def load_denoiser(path, ema: bool = True, device="cpu"):
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
-            raise DataError("no checkpoint in this run folder", path)
+            raise DataError(f"no checkpoint in this run folder (neither {LATEST} nor {SNAPSHOT_DIR}/ckpt_*.pt)", path)
         path, ck = found
     else:
         ck = load_checkpoint(path)
@@ -250,21 +256,39 @@ def file_sha256(path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+_ABSOLUTE = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)")  # POSIX root, a Windows drive, a UNC share
+
+
+def without_machine_paths(obj):
+    """A copy of checkpoint metadata in which every absolute path keeps only its last component
+    (``/home/me/runs/prep/train`` -> ``train``): a released file names no folder of the machine that trained it."""
+    if isinstance(obj, dict):
+        return {k: without_machine_paths(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(without_machine_paths(v) for v in obj)
+    if isinstance(obj, str) and _ABSOLUTE.match(obj):
+        return re.split(r"[\\/]", obj.rstrip("/\\"))[-1]
+    return obj
+
+
 def export_weights(src, dst) -> Path:
     """Write a small release copy of a checkpoint (or a run folder's newest one): the EMA weights as
-    ``model`` plus config, training metadata, step and version; no optimiser, RNG or raw weights.
-    It loads like any checkpoint (``load_denoiser``, ``recon``, ``sample``, ``train --init``)."""
+    ``model`` plus config, training metadata (absolute paths reduced to their last component,
+    :func:`without_machine_paths`), step and version; no optimiser, RNG or raw weights.
+    It loads like any checkpoint (``load_denoiser``, ``recon``, ``sample``, ``train --init``); exporting an
+    exported file again gives the same weights and metadata."""
     src = Path(src)
     if src.is_dir():
         found = latest_checkpoint(src)
         if found is None:
-            raise DataError("no checkpoint in this run folder", src)
+            raise DataError(f"no checkpoint in this run folder (neither {LATEST} nor {SNAPSHOT_DIR}/ckpt_*.pt)", src)
         ck = found[1]
     else:
         ck = load_checkpoint(src)
     weights = ck.get("ema") if ck.get("ema") is not None else ck["model"]
-    keep = {k: ck[k] for k in ("format", "step", "config", "training", "version") if k in ck}
-    out = dict(keep, model={k: v.clone() for k, v in weights.items()}, ema=None, exported_from_ema=ck.get("ema") is not None)
+    from_ema = ck.get("ema") is not None or bool(ck.get("exported_from_ema", False))
+    keep = {k: without_machine_paths(ck[k]) for k in ("format", "step", "config", "training", "version") if k in ck}
+    out = dict(keep, model={k: v.clone() for k, v in weights.items()}, ema=None, exported_from_ema=from_ema)
     dst = Path(dst)
     _write(out, dst)
     return dst

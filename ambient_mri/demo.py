@@ -75,11 +75,13 @@ def run_demo(out, *, train_steps: int = 150, checkpoint=None, adps_steps: int = 
     from .evaluate import run_eval
     from .recon import run_recon
 
+    from .fsutil import make_dir
+
     t0 = time.perf_counter()
-    out = Path(out)
     ckpt = Path(checkpoint) if checkpoint else DEMO_CHECKPOINT
     if not ckpt.exists():
         raise click.ClickException(f"demo checkpoint {ckpt} is missing (reinstall the package)")
+    out = make_dir(out)  # an unwritable working folder: one line now, before any data are generated
     prep = prepare_demo_data(out, echo, t0, progress=progress)
     first, last = short_training(prep, out / "runs" / "short", train_steps, echo, t0, progress=progress)
     echo(f"         loss fell from {first:.3f} (first fifth of steps) to {last:.3f} (last fifth)")

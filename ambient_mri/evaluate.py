@@ -3,9 +3,10 @@
 A reconstruction folder holds one ``.h5`` per input volume (written by ``ambient-mri recon``):
 ``reconstruction`` ``(S, H, W)`` magnitude, optional ``std`` ``(S, H, W)``, ``slice_index`` ``(S,)``,
 attributes ``method``, ``label``, ``accel``. Its reference is the file of the same name in
-``--reference``: a prepared val/test dataset (``reference``, same units as the reconstruction) or a
-fastMRI folder (``reconstruction_rss`` / ``reconstruction_esc``; the reconstruction is centre-cropped
-to the target's size, as fastMRI's ``evaluate`` does). Metrics: both conventions of ``metrics.py``.
+``--reference``: a prepared val/test dataset (``reference``, in prepared units) or a fastMRI folder
+(``reconstruction_rss`` / ``reconstruction_esc``, raw units; the reconstruction is centre-cropped
+to the target's size, as fastMRI's ``evaluate`` does). A reconstruction whose ``units`` attribute differs
+from its reference's units is refused (:func:`check_units`). Metrics: both conventions of ``metrics.py``.
 """
 
 from __future__ import annotations
@@ -22,34 +23,56 @@ import numpy as np
 
 from .errors import DataError
 from .fft import center_crop
-from .fsutil import atomic_path, write_json
+from .fsutil import atomic_path, make_dir, write_json
 
 SLICE_KEYS = ("psnr_adps", "ssim_adps", "nrmse_adps")
 VOLUME_KEYS = ("psnr_fastmri", "ssim_fastmri", "nmse_fastmri")
 
 
-def read_reference(path: Path, slice_index: np.ndarray | None) -> np.ndarray:
-    """Reference magnitudes ``(S, h, w)`` for the given input slice indices."""
+UNITS = {"prepared": "the prepared data's normalised units (a prepared file's 'reference')",
+         "raw": "the raw scanner units of a fastMRI file"}
+
+
+def read_reference(path: Path, slice_index: np.ndarray | None) -> tuple[np.ndarray, str]:
+    """Reference magnitudes ``(S, h, w)`` for the given input slice indices, and their units: ``"prepared"``
+    (a prepared file's ``reference``, divided by each slice's ``norm``) or ``"raw"`` (fastMRI's
+    ``reconstruction_rss`` / ``_esc``)."""
     try:
         with h5py.File(path, "r") as f:
             if "reference" in f:
-                ref = np.abs(f["reference"][()])
+                ref, units = np.abs(f["reference"][()]), "prepared"
                 own = f["slice_index"][()] if "slice_index" in f else np.arange(ref.shape[0])
             else:
                 key = next((k for k in ("reconstruction_rss", "reconstruction_esc") if k in f), None)
                 if key is None:
                     raise DataError("no reference image (neither 'reference' nor 'reconstruction_rss'/'_esc')", path)
-                ref = f[key][()].astype(np.float64)
+                ref, units = f[key][()].astype(np.float64), "raw"
                 own = np.arange(ref.shape[0])
     except OSError as e:
         raise DataError(f"cannot read reference ({e})", path) from None
     if slice_index is None:
-        return ref
+        return ref, units
     pos = {int(s): i for i, s in enumerate(own)}
     missing = [int(s) for s in slice_index if int(s) not in pos]
     if missing:
         raise DataError(f"reference lacks slices {missing[:5]}", path)
-    return ref[[pos[int(s)] for s in slice_index]]
+    return ref[[pos[int(s)] for s in slice_index]], units
+
+
+def check_units(rec_attrs: dict, ref_units: str, rec_path: Path, ref_path: Path) -> None:
+    """A reconstruction is scored only against a reference in its own units (``recon`` writes the ``units``
+    attribute): PSNR (A-DPS) uses the reference's maximum but the raw error, so a scale mismatch would
+    silently shift it. A file without ``units`` (written by other tools) is taken as it is."""
+    units = rec_attrs.get("units")
+    if isinstance(units, bytes):
+        units = units.decode(errors="replace")
+    if units is None or units == ref_units:
+        return
+    if units not in UNITS:
+        raise DataError(f"unknown units attribute {units!r} (expected 'prepared' or 'raw')", rec_path)
+    raise DataError(f"reconstruction is in {units} units but the reference {ref_path} is in {ref_units} units "
+                    f"({UNITS[ref_units]}); score a prepared-input reconstruction against the prepared folder, "
+                    f"a raw-input one against the fastMRI folder", rec_path)
 
 
 def read_recon(path: Path) -> dict:
@@ -87,7 +110,8 @@ def evaluate_folders(recon_dirs, reference: Path, *, foreground: bool = False, m
             ref_path = reference / p.name if reference.is_dir() else reference
             if not ref_path.exists():
                 raise DataError(f"no reference file {p.name} in {reference}", p)
-            gt = read_reference(ref_path, rec["slice_index"])
+            gt, ref_units = read_reference(ref_path, rec["slice_index"])
+            check_units(rec["attrs"], ref_units, p, ref_path)
             x = rec["reconstruction"]
             if x.shape[-2:] != gt.shape[-2:]:
                 try:
@@ -215,8 +239,7 @@ def figures(figs: list[dict], out: Path, per_figure: int = 3) -> list[Path]:
 def run_eval(recon_dirs, reference, out, *, foreground: bool = False) -> dict:
     """Evaluate and write ``metrics_slices.csv``, ``metrics_volumes.csv``, ``summary.json``,
     ``summary.md`` and figures into ``out``; returns the summary."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)  # an unwritable report folder: one line, before any scoring
     slice_rows, volume_rows, figs = evaluate_folders(recon_dirs, Path(reference), foreground=foreground)
     summary = summarise(slice_rows, volume_rows)
     _write_csv(out / "metrics_slices.csv", slice_rows)

@@ -29,13 +29,36 @@ def _output_error(e: OSError, path, what: str = "cannot write output") -> Output
 
 
 def make_dir(path: str | os.PathLike) -> Path:
-    """``mkdir -p path``, or a one-line :class:`OutputError` (a regular file in the way, read-only...)."""
+    """``mkdir -p path`` and prove that files can be created in it (a hidden probe file, created and removed),
+    or a one-line :class:`OutputError` (a regular file in the way, a read-only folder...). Every command calls
+    it on its output folder before any work, so an unwritable output never costs a run."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise _output_error(e, path, "cannot create the output folder") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write-check.", suffix=".tmp", dir=path)
+    except OSError as e:
+        raise _output_error(e, path, "cannot write into the output folder") from None
+    os.close(fd)
+    _unlink(probe)
     return path
+
+
+def umask() -> int:
+    """The process's file-creation mask (``/proc/self/status`` on Linux: reading it changes nothing; elsewhere
+    ``os.umask`` set and restored)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
 
 
 @contextlib.contextmanager
@@ -43,17 +66,21 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None):
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
     The temporary name starts with ``.`` and ends with ``.tmp`` so that globbing for finished outputs
-    never sees it. On any exception the temporary file is removed and ``path`` is left as it was; a full
-    disk, a file size limit or an unwritable folder becomes a one-line :class:`OutputError`.
+    never sees it. The file gets the mode a plain ``open(path, "w")`` would give it, ``0o666 & ~umask``
+    (``mkstemp`` alone makes it ``0o600``). On any exception the temporary file is removed and ``path`` is
+    left as it was; a full disk, a file size limit or an unwritable folder becomes a one-line :class:`OutputError`.
     """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
-        os.close(fd)
     except OSError as e:
         raise _output_error(e, path.parent, "cannot write here") from None
     try:
+        try:
+            os.fchmod(fd, 0o666 & ~umask())
+        finally:
+            os.close(fd)
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as e:

@@ -1,9 +1,10 @@
 """Training losses, each a small function of a denoiser ``D(x_in, sigma, mask)`` (see ``networks.EDMDenoiser``).
 
 Noise levels follow EDM: ``sigma = exp(P_mean + P_std n)``, ``n ~ N(0, 1)``, weight
-``lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2``. Every loss returns one value per
-batch item, ``(B,)``: the squared error summed over the measured entries and divided by ``H W`` (so
-that, fully sampled with ``sum_c |S_c|^2 = 1``, it is the per-pixel image MSE, as in EDM).
+``lambda(sigma_eff)`` with ``lambda(s) = (s^2 + sigma_data^2) / (s sigma_data)^2`` and the denoiser's
+``sigma_eff = sqrt(sigma^2 + sigma_view^2)`` (``= sigma`` for plain EDM, ``sigma_view = 0``). Every loss
+returns one value per batch item, ``(B,)``: the squared error summed over the measured entries and divided
+by ``H W`` (so that, fully sampled with ``sum_c |S_c|^2 = 1``, it is the per-pixel image MSE, as in EDM).
 
 * :func:`ambient_kspace_loss` (Aali et al. 2025): ``lambda ||M F S D(A~^H A~ x_t) - y||^2`` from the
   measured k-space ``y = M F S x0`` only, with ``A~ x_t = M~ y + sigma M~ F S eta`` (``M~ <= M``);
@@ -33,10 +34,12 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
 
 
 def loss_weight(denoiser, sigma: torch.Tensor) -> torch.Tensor:
-    """``lambda(sigma_eff)`` for ``denoiser``: EDM's weight at the noise level its preconditioning assumes
-    (``sigma`` itself unless it has ``sigma_view > 0``, see ``networks.EDMDenoiser``)."""
-    sigma_eff = getattr(denoiser, "sigma_eff", None)
-    return edm_weight(sigma_eff(sigma) if sigma_eff else sigma, denoiser.sigma_data)
+    """``lambda(sigma_eff)`` for ``denoiser``: EDM's weight at the noise level its preconditioning assumes,
+    ``sigma_eff = denoiser.sigma_eff(sigma)`` (``sqrt(sigma^2 + sigma_view^2)``, see ``networks.EDMDenoiser``).
+
+    Every denoiser the losses take has ``sigma_data`` and ``sigma_eff``; one without is an error, not a
+    silent ``lambda(sigma)`` (a wrapper that hid ``sigma_eff`` once trained models with the wrong weight)."""
+    return edm_weight(denoiser.sigma_eff(sigma), denoiser.sigma_data)
 
 
 def _complex_noise(like: torch.Tensor, generator=None) -> torch.Tensor:

@@ -142,19 +142,35 @@ def adps_lines(W: int, accel: float, *, center_lines: int = 20, seed: int = 0) -
     return SamplingMask(m[None], (1, center_lines), seed, "adps")
 
 
+def equispaced_spacing(W: int, accel: float, n_acs: int) -> float:
+    """fastMRI's adjusted acceleration ``a = R (W - n_acs) / (W - n_acs R)``: outer lines one every ``a``
+    columns add ``(W - n_acs) / a = W / R - n_acs`` lines to the ACS block, ``W / R`` in all (needs ``n_acs R < W``)."""
+    return accel * (W - n_acs) / (W - n_acs * accel)
+
+
 def equispaced_lines(W: int, accel: float, *, center_fraction: float | None = None,
-                     center_lines: int | None = None, seed: int = 0) -> SamplingMask:
-    """fastMRI ``EquispacedMaskFractionFunc``: ACS block plus lines spaced by
-    ``R (n_acs - W) / (n_acs R - W)`` from a random offset, so that the total is about ``W / R``."""
+                     center_lines: int | None = None, seed: int = 0, offset: int | None = None) -> SamplingMask:
+    """fastMRI 0.3.0 ``EquispacedMaskFractionFunc([cf], [R])((.., W, 1), offset, seed)``, as a ``(1, W)`` mask.
+
+    The ACS block of ``n_acs = round(W cf)`` centred lines (or ``center_lines``), plus the columns
+    ``around(offset + k a)``, ``k = 0, 1, ...`` while ``offset + k a < W - 1``, with ``a`` the adjusted
+    acceleration (:func:`equispaced_spacing`). Without ``offset`` it is drawn uniformly from
+    ``[0, round(a))`` by ``RandomState(seed)``, after the one draw fastMRI spends on choosing among its
+    (here single) accelerations. When ``n_acs R >= W`` the ACS block alone reaches ``R`` (fastMRI fails there).
+    """
     n_acs = _n_center(W, center_fraction, center_lines)
     _check(accel, W, n_acs)
-    rng = np.random.RandomState(_check_seed(seed))
-    rng.randint(1)
-    offset = rng.randint(0, high=round(accel))
+    seed = _check_seed(seed)
     m = np.zeros(W, dtype=bool)
     if n_acs * accel < W:
-        adjusted = accel * (n_acs - W) / (n_acs * accel - W)
-        m[np.around(np.arange(offset, W - 1, adjusted)).astype(np.uint)] = True
+        a = equispaced_spacing(W, accel, n_acs)
+        if offset is None:
+            rng = np.random.RandomState(seed)
+            rng.randint(1)  # fastMRI's choice of (center_fraction, acceleration)
+            offset = rng.randint(0, high=round(float(a)))
+        elif not (isinstance(offset, (int, np.integer)) and 0 <= offset < W):
+            raise ConfigError(f"equispaced offset must be an integer in [0, {W}) (got {offset!r})")
+        m[np.around(np.arange(offset, W - 1, a)).astype(np.int64)] = True
     m[center_slice(W, n_acs)] = True
     return SamplingMask(m[None], (1, n_acs), seed, "equispaced")
 

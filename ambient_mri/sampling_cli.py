@@ -151,7 +151,9 @@ def command(checkpoint, n, out, steps, seed, batch, device, ema, quiet):
     import torch
 
     from .checkpoint import file_sha256, load_denoiser
+    from .fsutil import make_dir
 
+    make_dir(out)  # an unwritable output folder: one line now, not after drawing the samples
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)
     if dev.type == "cuda" and not torch.cuda.is_available():

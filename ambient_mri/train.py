@@ -4,7 +4,7 @@ One optimiser step on a batch of measured k-space ``y = M F S x0`` (``loss.kind 
 
     sigma ~ exp(P_mean + P_std N(0, 1))                     (losses.sample_sigma)
     M~ = further_kspace_mask(M, acs, R~ or delta)            (redrawn every step, or fixed per slice)
-    loss = mean_b lambda(sigma) ||M F S D(A~^H A~ x_t; sigma, M~) - y||^2 / (H W)   (losses.ambient_kspace_loss)
+    loss = mean_b lambda(sigma_eff) ||M F S D(A~^H A~ x_t; sigma, M~) - y||^2 / (H W)   (losses.ambient_kspace_loss)
 
 with ``ambient_image_loss`` for pixel/box corruption and the plain ``edm_loss`` for the oracle (FS-EDM,
 fully sampled references) and the naive baselines (ZF-/L1-EDM). Adam/AdamW with linear warm-up, gradient
@@ -155,13 +155,31 @@ def autocast_hooks(module, device_type: str, dtype):
 
 
 class _Call:
-    """The denoiser as the losses use it (callable with a ``sigma_data``), also when wrapped in DDP."""
+    """The denoiser as the losses use it: calls go through ``module`` (the model, or its DDP wrapper, whose
+    forward synchronises the gradients), every attribute the losses read (``sigma_data``, ``sigma_eff``)
+    comes from the bare ``model``, so the loss weight is ``lambda(sigma_eff)``,
+    ``sigma_eff = sqrt(sigma^2 + sigma_view^2)``, whatever the wrapping."""
 
-    def __init__(self, module, sigma_data):
-        self.module, self.sigma_data = module, sigma_data
+    def __init__(self, module, model):
+        self.module, self.model = module, model
 
     def __call__(self, *args, **kwargs):
         return self.module(*args, **kwargs)
+
+    def __getattr__(self, name):  # only for names not set in __init__
+        if "model" not in self.__dict__:
+            raise AttributeError(name)
+        return getattr(self.__dict__["model"], name)
+
+
+def loss_denoiser(model, env: DistEnv, device):
+    """The model as every training step calls it: DDP-wrapped when distributed, inside a :class:`_Call`."""
+    net = model
+    if env.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return _Call(net, model)
 
 
 class _Stop:
@@ -356,7 +374,10 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     out = Path(out)
     ck = None
     if resume:
-        found = latest_checkpoint(out, warn=echo if env.main else None)
+        try:
+            found = latest_checkpoint(out, warn=echo if env.main else None)
+        except DataError as e:  # checkpoint files are there, and every one is refused: nothing to continue
+            raise DataError(f"--resume: {e.problem}", e.path) from None
         if found is not None:
             ck_path, ck = found
             ck["training"]["resumed_from"] = os.fspath(ck_path)
@@ -535,12 +556,7 @@ def _train_loop(cfg, dataset, info, corruption, data, out, env, device, ck, init
         log.info(f"resumed from step {start} ({ck['training'].get('resumed_from')})")
 
     # ---- DDP
-    net = model
-    if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    den = _Call(net, model.sigma_data)
+    den = loss_denoiser(model, env, device)
 
     # ---- data order
     sampler = step_sampler(dataset, env, seed, T.batch)
@@ -723,7 +739,7 @@ def _train_loop(cfg, dataset, info, corruption, data, out, env, device, ck, init
     if env.distributed:
         import torch.distributed as dist
 
-        del net, den, model
+        del den, model
         gc.collect()
         dist.destroy_process_group()
     return result

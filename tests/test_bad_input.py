@@ -349,6 +349,42 @@ def test_checkpoints_with_pickled_code_are_refused_everywhere_and_never_run(tmp_
     assert marker.is_dir()
 
 
+def test_a_run_folder_whose_checkpoints_are_all_refused_says_which_file_and_why(tmp_path, capsys):
+    """recon / sample --checkpoint RUN and train --resume on a run folder that holds checkpoint files, none of
+    them loadable: the error names the refused file and the reason, not 'no checkpoint in this run folder',
+    and --resume never announces a new run."""
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": CKPT_FORMAT, "step": 1, "model": {}, "config": {}, "training": {}, "x": Payload()}, evil)
+    Payload.marker = str(tmp_path / "PAYLOAD_RAN")
+    raw_volume(tmp_path / "in" / "scan.h5", slices=1)
+    data = write_prepared(tmp_path / "data", files=1, slices=4)
+    pickled, damaged, empty = tmp_path / "pickled", tmp_path / "damaged", tmp_path / "empty"
+    pickled.mkdir()
+    shutil.copy(evil, pickled / "checkpoint.pt")
+    (damaged / "checkpoints").mkdir(parents=True)
+    (damaged / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    (damaged / "checkpoints" / "ckpt_0000004.pt").write_bytes(b"not one either")
+    empty.mkdir()
+    cases = {pickled: (str(pickled / "checkpoint.pt"), "pickled objects", "the only checkpoint file"),
+             damaged: (str(damaged / "checkpoint.pt"), "cannot load", "the newest of 2 checkpoint files")}
+    for run_dir, words in cases.items():
+        for argv in (["recon", "--input", tmp_path / "in", "--out", tmp_path / "rec", "--method", "dc",
+                      "--checkpoint", run_dir, "--accel", "4", "-q"],
+                     ["sample", "--checkpoint", run_dir, "--out", tmp_path / "s", "-q"],
+                     ["train", "--out", run_dir, "--resume", "-q"],
+                     ["train", "--config", "tiny", "--data", data, "--out", run_dir, "--resume", "-q"]):
+            code, err = run_cli(capsys, argv)
+            assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (argv, err)
+            assert all(w in err[0] for w in words), (argv, err)
+            assert "no checkpoint in this run folder" not in err[0] and "starting a new run" not in err[0], err
+            if argv[0] == "train":
+                assert "--resume" in err[0] and not (run_dir / "config.yaml").exists()
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+    # a run folder with no checkpoint file at all still says exactly that
+    code, err = run_cli(capsys, ["sample", "--checkpoint", empty, "--out", tmp_path / "s2", "-q"])
+    assert code == 2 and "no checkpoint in this run folder" in err[-1] and str(empty) in err[-1], err
+
+
 # ----------------------------------------------------------------------------------------------
 # nothing is downloaded at run time
 

@@ -13,7 +13,7 @@ from ambient_mri.fft import center_crop, fft2c, rss
 from ambient_mri.metrics import psnr_adps, psnr_fastmri
 
 
-def write_recon(path, x, *, method, accel, std=None, slice_index=None):
+def write_recon(path, x, *, method, accel, std=None, slice_index=None, units=None):
     path.parent.mkdir(parents=True, exist_ok=True)
     with h5py.File(path, "w") as f:
         f["reconstruction"] = np.abs(x).astype(np.float32)
@@ -21,6 +21,8 @@ def write_recon(path, x, *, method, accel, std=None, slice_index=None):
             f["std"] = std.astype(np.float32)
         f["slice_index"] = np.arange(x.shape[0]) if slice_index is None else slice_index
         f.attrs.update(method=method, label=method, accel=accel, seconds_per_slice=0.5, nfe=10)
+        if units is not None:
+            f.attrs["units"] = units
 
 
 @pytest.fixture
@@ -89,3 +91,41 @@ def test_eval_errors_name_the_file(tmp_path, prepared_reference):
     r = CliRunner().invoke(command, ["--recon", str(tmp_path / "rec2"), "--reference", str(ref), "--out",
                                      str(tmp_path / "rep")])
     assert r.exit_code != 0 and "NaN" in str(r.exception)
+
+
+def test_eval_refuses_a_units_mismatch_in_one_line_naming_the_file(tmp_path, prepared_reference, capsys):
+    """recon writes units = prepared (prepared input) or raw (raw fastMRI input); a prepared 'reference' is in
+    prepared units, fastMRI's reconstruction_rss in raw units. PSNR (A-DPS) = 20 log10(max|gt| / RMSE) is
+    meaningless when only one of the two images is rescaled, so a mismatch must never be scored."""
+    from ambient_mri.cli import main as cli_main
+
+    ref, gts = prepared_reference
+    for units in ("prepared", None):  # matching units, or a file from another tool: scored
+        write_recon(tmp_path / f"ok_{units}" / "vol_a.h5", 1.01 * np.abs(gts["vol_a"]), method="dc", accel=4,
+                    slice_index=np.arange(10, 13), units=units)
+        res = run_eval([tmp_path / f"ok_{units}"], ref, tmp_path / f"rep_{units}")
+        assert res["summary"][0]["nrmse_adps"][0] == pytest.approx(0.01, rel=1e-3)
+    # raw-unit reconstruction (norm 1000 per slice) against the prepared reference: refused, not scored
+    write_recon(tmp_path / "raw" / "vol_a.h5", 1000 * np.abs(gts["vol_a"]), method="dc", accel=4,
+                slice_index=np.arange(10, 13), units="raw")
+    with pytest.raises(DataError, match=r"vol_a\.h5.*raw units.*prepared units"):
+        run_eval([tmp_path / "raw"], ref, tmp_path / "rep_raw")
+    assert not (tmp_path / "rep_raw" / "summary.json").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        cli_main(["eval", "--recon", str(tmp_path / "raw"), "--reference", str(ref), "--out", str(tmp_path / "r2")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and str(tmp_path / "raw" / "vol_a.h5") in err[0], err
+    assert "raw units" in err[0] and "Traceback" not in err[0]
+    # the reverse: a prepared-unit reconstruction against a fastMRI file (raw units)
+    rng = np.random.default_rng(2)
+    k = fft2c(rng.standard_normal((2, 4, 24, 24)) + 1j * rng.standard_normal((2, 4, 24, 24)))
+    write_volume(tmp_path / "fm" / "v.h5", k, recon_size=(24, 24))
+    write_recon(tmp_path / "prep_rec" / "v.h5", np.ones((2, 24, 24)), method="zf", accel=4, units="prepared")
+    with pytest.raises(DataError, match=r"v\.h5.*prepared units.*raw units"):
+        run_eval([tmp_path / "prep_rec"], tmp_path / "fm", tmp_path / "rep_fm")
+    write_recon(tmp_path / "raw_rec" / "v.h5", rng.uniform(1, 2, (2, 24, 24)), method="zf", accel=4, units="raw")
+    assert run_eval([tmp_path / "raw_rec"], tmp_path / "fm", tmp_path / "rep_fm")["summary"]
+    write_recon(tmp_path / "odd" / "v.h5", np.ones((2, 24, 24)), method="zf", accel=4, units="furlongs")
+    with pytest.raises(DataError, match="unknown units"):
+        run_eval([tmp_path / "odd"], tmp_path / "fm", tmp_path / "rep_odd")

@@ -328,24 +328,79 @@ def test_full_disk_during_recon_and_train_is_one_clear_error_and_earlier_outputs
     assert visible(run_dir / "checkpoints") == ["ckpt_0000002.pt", "ckpt_0000004.pt"]
 
 
+def _permissions_ignored() -> bool:
+    """True where this process writes into a read-only folder anyway (root with CAP_DAC_OVERRIDE)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        os.chmod(d, 0o555)
+        try:
+            open(os.path.join(d, "probe"), "w").close()
+            return True
+        except PermissionError:
+            return False
+        finally:
+            os.chmod(d, 0o755)
+
+
 def test_unwritable_output_folder_is_one_clear_error_before_any_work(raw, test_set, prepared_train, tmp_path,
-                                                                     capsys):
+                                                                     capsys, monkeypatch):
     blocker = tmp_path / "a_file"
     blocker.write_text("a regular file where a folder is needed\n")
     bad = blocker / "out"
     cases = [["prep", str(raw), str(bad), *PREP_ARGS],
              ["recon", "--input", str(test_set), "--out", str(bad), "--method", "zf", "-q"],
              ["train", "--config", "tiny", "--data", str(prepared_train), "--out", str(bad), "-q"]]
-    for argv in cases:
+    for argv in cases + _after_work_would_fail(tmp_path, test_set, monkeypatch):
         with pytest.raises(SystemExit) as ex:
-            cli_main(argv)
+            cli_main(argv + ["--out", str(bad)] if argv[0] in ("eval", "sample", "demo") else argv)
         err = capsys.readouterr().err.strip()
         assert ex.value.code == 2 and err.count("\n") == 0, err
         assert err.startswith("error: ") and str(bad) in err and "Not a directory" in err, err
     assert blocker.read_text().startswith("a regular file")
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def _after_work_would_fail(tmp_path, test_set, monkeypatch) -> list[list[str]]:
+    """Command lines of eval, sample and demo (without --out) whose first piece of work fails loudly, so that
+    an output check made only after the work shows up as that failure instead."""
+    from ambient_mri import demo, evaluate, sampling_cli
+
+    def work(*a, **k):
+        raise AssertionError("work started before the output was checked")
+
+    from ambient_mri import checkpoint
+
+    for module, name in ((evaluate, "evaluate_folders"), (sampling_cli, "draw_prior_samples"),
+                         (checkpoint, "load_denoiser"), (demo, "prepare_demo_data")):
+        monkeypatch.setattr(module, name, work)
+    (tmp_path / "rec").mkdir(exist_ok=True)
+    return [["eval", "--recon", str(tmp_path / "rec"), "--reference", str(test_set)],
+            ["sample", "--checkpoint", str(demo.DEMO_CHECKPOINT), "--n", "1", "-q"],
+            ["demo"]]
+
+
+@pytest.mark.skipif(_permissions_ignored(), reason="this process (root) writes into read-only folders")
+@pytest.mark.parametrize("command", ["recon", "train", "eval", "sample", "demo"])
+def test_read_only_existing_output_folder_is_one_clear_error_before_any_work(test_set, prepared_train, tmp_path,
+                                                                            capsys, monkeypatch, command):
+    out = tmp_path / "ro"
+    out.mkdir()
+    argv = {"recon": ["recon", "--input", str(test_set), "--method", "zf", "-q"],
+            "train": ["train", "--config", "tiny", "--data", str(prepared_train), "-q"]}
+    for a in _after_work_would_fail(tmp_path, test_set, monkeypatch):
+        argv[a[0]] = a
+    out.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit) as ex:
+            cli_main(argv[command] + ["--out", str(out)])
+    finally:
+        out.chmod(0o755)
+    err = capsys.readouterr().err.strip()
+    assert ex.value.code == 2 and err.count("\n") == 0 and "Permission denied" in err and str(out) in err, err
+    assert not any(out.iterdir())
+
+
+@pytest.mark.skipif(_permissions_ignored(), reason="this process (root) writes into read-only folders")
 def test_read_only_output_folder_is_one_clear_error(raw, clean_prep, tmp_path, capsys):
     out = tmp_path / "prep"
     shutil.copytree(clean_prep, out)

@@ -19,6 +19,10 @@ class Fixed(nn.Module):
 
     sigma_data = 0.5
 
+    @staticmethod
+    def sigma_eff(sigma):  # plain EDM preconditioning (sigma_view = 0)
+        return sigma
+
     def __init__(self, out=None):
         super().__init__()
         self.out = out
@@ -123,6 +127,10 @@ class PatternLinear(nn.Module):
     """One complex linear map per further-mask pattern: ``D(z, M~) = W_{M~} z`` (a linear 'network')."""
 
     sigma_data = 0.5
+
+    @staticmethod
+    def sigma_eff(sigma):
+        return sigma
 
     def __init__(self, patterns):
         super().__init__()

@@ -24,27 +24,86 @@ def fastmri_random_mask_ported(W, cf, accel, seed):
     return np.maximum(center, accel_mask).astype(bool)
 
 
-def fastmri_equispaced_fraction_ported(W, cf, accel, seed):
-    rng = np.random.RandomState()
-    rng.seed(seed)
-    rng.randint(0, 1)
-    num_low = round(W * cf)
-    center = np.zeros(W, dtype=bool)
-    pad = (W - num_low + 1) // 2
-    center[pad : pad + num_low] = True
-    offset = rng.randint(0, high=round(accel))
-    adjusted = (accel * (num_low - W)) / (num_low * accel - W)
-    m = np.zeros(W, dtype=bool)
-    m[np.around(np.arange(offset, W - 1, adjusted)).astype(np.uint)] = True
-    return m | center
-
-
 @pytest.mark.parametrize("W,cf,R,seed", [(320, 0.08, 4, 0), (368, 0.04, 8, 7), (64, 0.125, 4, 3), (33, 0.1, 3, 11)])
-def test_random_and_equispaced_match_fastmri(W, cf, R, seed):
+def test_random_matches_fastmri(W, cf, R, seed):
     np.testing.assert_array_equal(M.random_lines(W, R, center_fraction=cf, seed=seed).mask[0],
                                   fastmri_random_mask_ported(W, cf, R, seed))
-    np.testing.assert_array_equal(M.equispaced_lines(W, R, center_fraction=cf, seed=seed).mask[0],
-                                  fastmri_equispaced_fraction_ported(W, cf, R, seed))
+
+
+# --------------------------------------------------------------------------------------------
+# Equispaced lines: fastMRI 0.3.0 EquispacedMaskFractionFunc, re-derived from its documentation:
+# N_low = round(N cf) centred columns (start (N - N_low + 1) // 2), plus columns at equal spacing
+# "at a proportion that reaches the desired acceleration taking into consideration the number of low
+# frequencies", so that the expected total is N / R: with spacing a, the outer columns add (N - N_low) / a
+# lines, hence a = R (N - N_low) / (N - N_low R). The outer columns are offset + k a rounded (half to even)
+# for offset + k a < N - 1, and a missing offset is drawn uniformly from {0, ..., round(a) - 1}.
+
+
+def expected_equispaced(W, cf, R, offset):
+    """The mask from the definition above, by plain Python floats (not the code under test)."""
+    n_low = round(W * cf)
+    a = R * (W - n_low) / (W - n_low * R)
+    cols = set(range((W - n_low + 1) // 2, (W - n_low + 1) // 2 + n_low))
+    k = 0
+    while offset + k * a < W - 1:
+        cols.add(round(offset + k * a))
+        k += 1
+    m = np.zeros(W, dtype=bool)
+    m[sorted(cols)] = True
+    return m, n_low, a
+
+
+COMBOS = [(320, 0.08, 4), (368, 0.04, 8), (640, 0.04, 8), (64, 0.125, 4), (33, 0.1, 3), (100, 0.2, 2), (372, 0.08, 4)]
+
+
+@pytest.mark.parametrize("W,cf,R", COMBOS)
+def test_equispaced_structure_for_every_offset(W, cf, R):
+    for offset in range(round(R * (W - round(W * cf)) / (W - round(W * cf) * R))):
+        m = M.equispaced_lines(W, R, center_fraction=cf, offset=offset)
+        got = m.mask[0]
+        want, n_low, a = expected_equispaced(W, cf, R, offset)
+        np.testing.assert_array_equal(got, want, err_msg=f"W={W} cf={cf} R={R} offset={offset}")
+        start = (W - n_low + 1) // 2
+        assert m.acs == (1, n_low) and got[start : start + n_low].all()
+        # before the ACS block the lines are equispaced: first at `offset`, gaps of floor(a) or ceil(a)
+        before = np.flatnonzero(got[:start])
+        assert before[0] == offset and set(np.diff(before)) <= {math.floor(a), math.ceil(a)}
+        # the total: N_low + (N - 1 - offset) / a outer lines, less those inside the ACS block: about N / R
+        assert abs(got.sum() - W / R) <= 1 + n_low / a
+
+
+@pytest.mark.parametrize("W,cf,R", COMBOS)
+def test_equispaced_offset_is_drawn_from_round_of_the_adjusted_acceleration(W, cf, R):
+    _, _, a = expected_equispaced(W, cf, R, 0)
+    firsts = {int(np.flatnonzero(M.equispaced_lines(W, R, center_fraction=cf, seed=s).mask[0])[0]) for s in range(300)}
+    assert firsts == set(range(round(a)))  # every offset in [0, round(a)), none beyond
+    if round(a) > round(R):  # (where round(R) would differ: the bug this test was written for)
+        assert max(firsts) >= round(R)
+
+
+def test_equispaced_hand_derived():
+    # W = 16, cf = 1/8, R = 4: N_low = 2 (columns 7, 8), a = 4 * 14 / (16 - 8) = 7, offsets 0..6
+    for offset, cols in [(0, [0, 7, 8, 14]), (3, [3, 7, 8, 10]), (6, [6, 7, 8, 13])]:
+        assert np.flatnonzero(M.equispaced_lines(16, 4, center_fraction=0.125, offset=offset).mask[0]).tolist() == cols
+    # W = 20, cf = 0.2, R = 2: N_low = 4 (columns 8..11), a = 2 * 16 / 12 = 8/3; offset 1:
+    # 1, 3.67, 6.33, 9, 11.67, 14.33, 17 (19.67 >= 19 stops) -> 1, 4, 6, 9, 12, 14, 17
+    assert np.flatnonzero(M.equispaced_lines(20, 2, center_fraction=0.2, offset=1).mask[0]).tolist() == \
+        [1, 4, 6, 8, 9, 10, 11, 12, 14, 17]
+    # W = 10, cf = 0.1, R = 2: N_low = 1 (column 5), a = 18 / 8 = 2.25, offsets 0, 1; offset 1:
+    # 1, 3.25, 5.5 (half to even: 6), 7.75 -> 1, 3, 6, 8
+    assert np.flatnonzero(M.equispaced_lines(10, 2, center_fraction=0.1, offset=1).mask[0]).tolist() == [1, 3, 5, 6, 8]
+    # the ACS block alone reaches R when N_low R >= N: no outer lines (fastMRI's formula would divide by <= 0)
+    assert np.flatnonzero(M.equispaced_lines(16, 4, center_lines=4).mask[0]).tolist() == [6, 7, 8, 9]
+    # a seeded draw is fastMRI's: MaskFunc.__call__ seeds its RandomState, choose_acceleration spends one
+    # randint(len(center_fractions)) draw, then the offset is randint(0, round(a)); W = 16 above: round(a) = 7
+    for seed in (0, 1, 5, 123):
+        rng = np.random.RandomState(seed)
+        rng.randint(1)
+        offset = rng.randint(0, 7)
+        np.testing.assert_array_equal(M.equispaced_lines(16, 4, center_fraction=0.125, seed=seed).mask,
+                                      M.equispaced_lines(16, 4, center_fraction=0.125, offset=offset).mask)
+    with pytest.raises(ConfigError, match="offset"):
+        M.equispaced_lines(16, 4, center_fraction=0.125, offset=-1)
 
 
 def test_random_lines_expected_acceleration():

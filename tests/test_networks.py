@@ -72,3 +72,56 @@ def test_unet_learns_and_rejects_bad_cond():
         loss.backward()
         opt.step()
     assert loss.item() < 0.7 * first and math.isfinite(loss.item())
+
+
+# --------------------------------------------------------------------------------------------
+# The loss weight the trainer actually uses: lambda(sigma_eff) through the trainer's own wrapper.
+
+
+def closed_form_weight(sigma, sigma_view, sigma_data=0.5):
+    """EDM's ``lambda(s) = (s^2 + sd^2) / (s sd)^2`` at ``s^2 = sigma^2 + sigma_view^2`` (docs/training.md)."""
+    s2 = sigma**2 + sigma_view**2
+    return (s2 + sigma_data**2) / (s2 * sigma_data**2)
+
+
+@pytest.mark.parametrize("sigma_view", [0.0, 0.3])
+def test_trainer_wrapper_weights_with_sigma_eff(sigma_view):
+    from ambient_mri.train import DistEnv, loss_denoiser
+
+    model = build_denoiser({"channels": [8, 8], "groups": 4, "sigma_view": sigma_view})
+    den = loss_denoiser(model, DistEnv(), torch.device("cpu"))  # exactly as train._train_loop builds it
+    sigma = torch.tensor([0.002, 0.05, 1.0], dtype=torch.float64)
+    w = loss_weight(den, sigma)
+    assert torch.allclose(w, closed_form_weight(sigma, sigma_view), rtol=1e-12)
+    if sigma_view:  # at sigma = 0.002: 4 + 1 / 0.090004 = 15.11, not lambda(sigma) = 250004
+        assert abs(w[0].item() - 15.11) < 0.01 and edm_weight(sigma, 0.5)[0].item() > 2.5e5
+    x = torch.randn(3, 8, 8, dtype=torch.complex64)
+    assert torch.equal(den(x, sigma.float(), None), model(x, sigma.float(), None))  # calls reach the model
+
+
+def test_trainer_wrapper_under_ddp_weights_with_sigma_eff(tmp_path):
+    """The same through a real ``DistributedDataParallel`` (a one-process gloo group): DDP has no
+    ``sigma_eff``, the wrapper must still find the model's."""
+    import torch.distributed as dist
+
+    from ambient_mri.train import DistEnv, loss_denoiser
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already running in this interpreter")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_denoiser({"channels": [8, 8], "groups": 4, "sigma_view": 0.3})
+        den = loss_denoiser(model, DistEnv(rank=0, world=2), torch.device("cpu"))
+        assert type(den.module).__name__ == "DistributedDataParallel" and not hasattr(den.module, "sigma_eff")
+        sigma = torch.tensor([0.002, 0.5])
+        assert torch.allclose(loss_weight(den, sigma), closed_form_weight(sigma, 0.3).float())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_weight_refuses_a_denoiser_without_sigma_eff():
+    class Bare(nn.Module):
+        sigma_data = 0.5
+
+    with pytest.raises(AttributeError, match="sigma_eff"):
+        loss_weight(Bare(), torch.tensor([0.1]))

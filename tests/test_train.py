@@ -151,6 +151,51 @@ def test_further_mask_redrawn_every_step_or_fixed_per_slice(tmp_path, data, monk
     assert any(len(v) > 1 for v in per_slice["true"].values())
 
 
+def _centred_fft2(a):
+    """Orthonormal 2-D DFT with the zero frequency in the centre (docs/conventions), numpy only."""
+    return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(a, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def _centred_ifft2(a):
+    return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(a, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+
+
+def test_training_step_loss_is_the_documented_sigma_eff_weighted_error(tmp_path, data, monkeypatch):
+    """docs/training.md: loss = mean_b lambda(sigma_eff) ||M F S D(A~^H A~ x_t) - y||^2 / (H W) with
+    lambda(s) = (s^2 + sd^2) / (s sd)^2 and sigma_eff^2 = sigma^2 + sigma_view^2, recomputed here with numpy
+    from what the trainer passed to its loss (the denoiser it built, the data, the masks and noise levels)."""
+    sigma_view, sd = 0.3, 0.5
+    calls = []
+    orig = losses.ambient_kspace_loss
+
+    def spy_loss(den, y, mask, maps, further_mask, sigma, **kw):
+        g = torch.Generator().manual_seed(len(calls))
+        eta = torch.complex(torch.randn(y[:, 0].shape, generator=g), torch.randn(y[:, 0].shape, generator=g))
+        per = orig(den, y, mask, maps, further_mask, sigma, **dict(kw, eta=eta))
+        Y, Mk, S, Mt = (t.detach().numpy().astype(np.complex128) for t in (y, mask, maps, further_mask))
+        Mk, Mt, s = Mk.real[:, None], Mt.real[:, None], sigma.detach().numpy().astype(np.float64)
+        e = eta.numpy().astype(np.complex128)[:, None]
+        # A~^H (M~ y + sigma M~ F S eta) = sum_c conj(S_c) F^-1 M~ (y_c + sigma F S_c eta)
+        x_in = (S.conj() * _centred_ifft2(Mt * (Y + s[:, None, None, None] * _centred_fft2(S * e)))).sum(1)
+        with torch.no_grad():
+            D = den(torch.from_numpy(x_in).to(torch.complex64), sigma, further_mask).numpy()
+        err = (np.abs(Mk * _centred_fft2(S * D[:, None]) - Y) ** 2).sum(axis=(1, 2, 3)) / (Y.shape[-2] * Y.shape[-1])
+        s2 = s**2 + sigma_view**2
+        expect = (s2 + sd**2) / (s2 * sd**2) * err
+        calls.append((per.detach().numpy().astype(np.float64), expect, (s**2 + sd**2) / (s * sd) ** 2 * err))
+        return per
+
+    monkeypatch.setattr(losses, "ambient_kspace_loss", spy_loss)
+    out = tmp_path / "w"
+    run(out, data["train"], "train.steps=3", "train.log_every=1", f"model.sigma_view={sigma_view}")
+    assert len(calls) == 3
+    logged = [float(r["loss"]) for r in metrics(out)]
+    for (per, expect, plain), row in zip(calls, logged):
+        np.testing.assert_allclose(per, expect, rtol=2e-4)
+        np.testing.assert_allclose(row, per.mean(), rtol=1e-5)  # the logged loss is the batch mean
+        assert not np.allclose(per, plain, rtol=0.05)  # lambda(sigma) would be a different loss
+
+
 def test_oracle_and_naive_runs_are_labelled(tmp_path, data):
     out = tmp_path / "oracle"
     run(out, data["val"], "train.steps=4", "loss.kind=oracle")
