@@ -3,10 +3,10 @@
 Every operator is a :class:`Linop`: ``A.forward(x) = A x``, ``A.adjoint(y) = A^H y`` (defined by
 ``<A x, y> = <x, A^H y>`` with ``<a, b> = sum a conj(b)``), ``A.normal(x) = A^H A x``; ``A.H`` is the adjoint
 as an operator (``A.H.H is A``), ``A.N`` the normal operator, ``A @ B`` (or ``A * B``) the composition
-``A B`` ("A after B"), and ``A(x)``, ``A @ x`` and ``A * x`` apply ``A``. ``forward`` checks ``x`` against
-``A.ishape`` and ``adjoint`` checks ``y`` against ``A.oshape`` and raise :class:`ShapeError` naming the
-expected and the received shape. In a shape, ``None`` is "any size"; the batch axis (axis 0) also accepts
-size 1 (torch broadcasting), as the operators' own parameters do.
+``A B`` ("A after B"), and ``A(x)``, ``A @ x`` and ``A * x`` apply ``A``. ``forward`` and ``normal`` check
+``x`` against ``A.ishape``, ``adjoint`` checks ``y`` against ``A.oshape``, and a mismatch raises
+:class:`ShapeError` naming the expected and the received shape. In a shape, ``None`` is "any size" (fixed
+by neither maps nor mask); on the batch axis (axis 0) a size of 1 broadcasts on either side, as in torch.
 
 Shapes (batched over slices ``B`` and coils ``C``; all complex64 unless stated):
 
