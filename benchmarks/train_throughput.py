@@ -6,7 +6,8 @@
 2. ``--compare-monai``: a bare training step (the same ambient loss on the same batches, forward +
    backward + Adam) with our compact UNet and with MONAI's ``DiffusionModelUNet`` of the same widths
    (one residual block per level, no attention at the levels; MONAI's middle block always has
-   attention), each timed over ``--bare-steps`` steps after ``--bare-warmup``.
+   attention), each timed over ``--bare-steps`` steps after ``--bare-warmup``. MONAI is not a dependency of
+   the package: install the optional extra first, ``pip install -e ".[compare]"``.
 
 Data: ``--data PREPARED`` (a prepared train split), or by default a synthetic prepared set written to a
 temporary folder (smooth random blobs x ESPIRiT-free analytic coil maps, A-DPS line masks R = 4).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import os
 import platform
@@ -245,7 +247,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="training seed (and synthetic data seed)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="config override, e.g. --set model.channels=[32,64,64] (repeatable)")
-    ap.add_argument("--compare-monai", action="store_true", help="also time bare steps: our UNet vs MONAI's")
+    ap.add_argument("--compare-monai", action="store_true",
+                    help="also time bare steps: our UNet vs MONAI's (needs the extra: pip install -e \".[compare]\")")
     ap.add_argument("--bare-steps", type=int, default=40, help="timed bare steps per network")
     ap.add_argument("--bare-warmup", type=int, default=5, help="untimed bare steps first")
     ap.add_argument("--no-trainer", action="store_true", help="skip the full-trainer measurement")
@@ -256,6 +259,9 @@ def main(argv=None):
     ap.add_argument("--memory-modes", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"],
                     help="precisions for --memory (bf16 autocast is very slow on CPUs without bf16 units)")
     args = ap.parse_args(argv)
+    if args.compare_monai and importlib.util.find_spec("monai") is None:
+        ap.error('--compare-monai needs MONAI, which is an optional extra: pip install -e ".[compare]" '
+                 '(or pip install "monai>=1.3")')
 
     import torch
 

@@ -1,10 +1,10 @@
-"""Datasets over prepared folders: shapes, the no-ground-truth guarantee (an access spy), refusals.
+"""Datasets over prepared folders: shapes, the no-ground-truth guarantee (an access spy and unreadable
+"trap" arrays), refusals.
 
 ``write_prepared`` writes small prepared datasets exactly as ``docs/data_format.md`` specifies (the other
 training tests import it); one test also reads the output of the real ``ambient-mri prep``.
 """
 
-import inspect
 import json
 
 import h5py
@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_mri import datasets as dsmod
 from ambient_mri import masks
 from ambient_mri.datasets import (AmbientKspaceDataset, ImageCorruptionDataset, NaiveDataset, ReferenceDataset,
                                   collate, read_manifest)
@@ -161,35 +160,97 @@ def test_lazy_reading_matches_the_cached_dataset_and_survives_pickling(tmp_path)
     assert clone._handles == {} and torch.equal(clone[3]["kspace"], lazy[3]["kspace"])
 
 
-def test_no_ground_truth_guarantee_static_and_dynamic(tmp_path, spy):
-    # static: the ambient class's only key list is the whitelist, and its code never names a reference
-    src = inspect.getsource(AmbientKspaceDataset)
-    assert AmbientKspaceDataset.KEYS == ("kspace", "mask", "maps", "norm")
-    assert "reference" not in src
-    # every HDF5 lookup in the reading code (``f[...]`` on an open file) uses a key taken from KEYS, never a literal
-    import ast
-    import textwrap
+# What each dataset may read: its arrays, by the data format (docs/data_format.md) -- written out here, not
+# taken from the classes, so that a class that widens its whitelist fails the tests below.
+ALLOWED = {AmbientKspaceDataset: {"kspace", "mask", "maps", "norm"}, ImageCorruptionDataset: {"image", "mask"},
+           ReferenceDataset: {"reference"}}
+GROUND_TRUTH = ("reference", "image", "kspace_full")
 
-    lookups = []
-    for cls in (dsmod.PreparedDataset, AmbientKspaceDataset):
-        for node in ast.walk(ast.parse(textwrap.dedent(inspect.getsource(cls)))):
-            if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Name) and node.value.id == "f":
-                lookups.append(node.slice)
-    assert lookups and all(isinstance(s, ast.Name) and s.id == "k" for s in lookups), [ast.dump(s) for s in lookups]
-    init = inspect.getsource(dsmod.PreparedDataset.__init__)
-    assert "for k in self.KEYS if k in f" in init and "for k in self.shapes" in inspect.getsource(dsmod.PreparedDataset._read)
-    # dynamic: even on a val-style file that DOES hold a reference, only whitelisted keys are touched
-    for cache_mb in (512, 0):
-        root = write_prepared(tmp_path / f"val{cache_mb}", split="val", files=1, slices=2)
-        spy.clear()
-        ds = AmbientKspaceDataset(root, cache_mb=cache_mb)
-        for i in range(len(ds)):
-            ds[i]
-        assert spy and set(spy) <= {"kspace", "mask", "maps", "norm"}, spy
-    # the oracle set does read the reference (the spy sees it), so the spy is able to catch it
+
+def plant_traps(path, keep):
+    """Make every array of the prepared file ``path`` except ``keep`` a trap, and add trapped ground-truth
+    arrays (``reference``, ``image``, ``kspace_full``) where absent.
+
+    A trap is an HDF5 dataset whose values live in an external file that does not exist: its name, shape
+    and dtype can be listed, but reading any of its values (h5py's high- or low-level API, a slice or all
+    of it) raises ``OSError``. A dataset that reads a key it must not read therefore fails, whatever route
+    it takes to the file."""
+    absent = path.parent / f".absent-{path.stem}"
+    assert not absent.exists()
+    with h5py.File(path, "r+") as f:
+        S = f[next(k for k in ("kspace", "image", "reference") if k in f)].shape[0]
+        H, W = f["mask"].shape[-2:] if f["mask"].shape[-2] > 1 else (f["maps"].shape[-2], f["mask"].shape[-1])
+        specs = {k: (f[k].shape, f[k].dtype) for k in f if k not in keep}
+        specs.update({k: ((S, H, W), np.complex64) for k in GROUND_TRUTH if k not in f and k not in keep})
+        for k, (shape, dtype) in specs.items():
+            if k in f:
+                del f[k]
+            f.create_dataset(k, shape=shape, dtype=dtype, external=[(f"{absent}-{k}.bin", 0, h5py.h5f.UNLIMITED)])
+
+
+def items_of(ds):
+    return [ds[i] for i in range(len(ds))]
+
+
+def assert_same_items(a, b):
+    assert len(a) == len(b)
+    for u, v in zip(a, b):
+        assert u.keys() == v.keys() and all(torch.equal(torch.as_tensor(u[k]), torch.as_tensor(v[k])) for k in u)
+
+
+@pytest.mark.parametrize("cls, layout", [(AmbientKspaceDataset, {}), (ImageCorruptionDataset, {"domain": "image"}),
+                                         (ReferenceDataset, {})], ids=["ambient", "image", "reference"])
+@pytest.mark.parametrize("cache_mb", [512, 0], ids=["in-memory", "lazy"])
+def test_each_dataset_reads_only_its_own_arrays(tmp_path, spy, cls, layout, cache_mb):
+    """The no-ground-truth guarantee as behaviour: in a val-style folder (it holds references) where every
+    array except the class's own is a trap and ground truth is planted as traps too, the dataset opens,
+    serves every item, serves exactly what it serves from the intact folder, and touches only its arrays."""
+    intact = write_prepared(tmp_path / "intact", split="val", files=2, slices=2, **layout)
+    trapped = write_prepared(tmp_path / "trapped", split="val", files=2, slices=2, **layout)
+    for p in sorted(trapped.glob("*.h5")):
+        plant_traps(p, ALLOWED[cls])
+    expected = items_of(cls(intact, cache_mb=cache_mb))
     spy.clear()
-    ReferenceDataset(tmp_path / "val512")[0]
-    assert "reference" in spy
+    got = items_of(cls(trapped, cache_mb=cache_mb))
+    assert spy and set(spy) <= ALLOWED[cls], spy
+    assert_same_items(got, expected)
+
+
+def test_the_traps_catch_a_dataset_that_reads_ground_truth(tmp_path, spy):
+    """The test above can fail: a trapped reference cannot be read by any route, the oracle set (which
+    needs it) fails on it, and so does an ambient set whose whitelist were widened to the reference."""
+    root = write_prepared(tmp_path / "val", split="val", files=1, slices=2)
+    plant_traps(root / "vol_0.h5", ALLOWED[AmbientKspaceDataset])
+    with h5py.File(root / "vol_0.h5") as f:
+        assert f["reference"].shape == (2, 32, 32)  # visible...
+        with pytest.raises(OSError):
+            f["reference"][0]  # ...but unreadable
+        with pytest.raises(OSError):
+            h5py.h5d.open(f.id, b"reference").read(h5py.h5s.ALL, h5py.h5s.ALL, np.empty((2, 32, 32), np.complex64))
+
+    class Leaky(AmbientKspaceDataset):
+        KEYS = AmbientKspaceDataset.KEYS + ("reference",)
+
+    for cache_mb in (512, 0):
+        for cls in (ReferenceDataset, Leaky):
+            with pytest.raises(OSError):
+                items_of(cls(root, cache_mb=cache_mb))
+    spy.clear()
+    ReferenceDataset(write_prepared(tmp_path / "val2", split="val", files=1, slices=2))[0]
+    assert "reference" in spy  # and the spy sees a reference read
+
+
+@pytest.mark.parametrize("kind", ["ambient", "naive_zf"])
+def test_training_runs_on_data_whose_ground_truth_is_trapped(tmp_path, kind, one_thread):
+    """End to end: ``ambient-mri train`` (ambient and naive runs) on a val-style folder whose references and
+    every array the ambient set must not read are traps completes its steps: no training path reads them."""
+    from ambient_mri.train import train
+
+    root = write_prepared(tmp_path / "val", split="val", files=1, slices=4, coils=2)
+    plant_traps(root / "vol_0.h5", ALLOWED[AmbientKspaceDataset])
+    res = train("tiny", root, tmp_path / "run", overrides=[f"loss.kind={kind}", "train.steps=2", "train.log_every=1",
+                                                           "train.ckpt_every=2"], progress=False, echo=lambda m: None)
+    assert res["step"] == 2 and res["interrupted"] is None
 
 
 def test_the_train_split_holds_no_ground_truth(tmp_path):
