@@ -61,8 +61,13 @@ def maps_methods() -> tuple[str, ...]:
     ``espirit-torch`` once ``ambient_mri/espirit.py`` (batched torch ESPIRiT) exists in the package."""
     methods = ("espirit", "lowres", "true")
     if importlib.util.find_spec("ambient_mri.espirit") is not None:
-        methods += ("espirit-torch",)
+        methods += ("espirit-torch", "espirit-sake")
     return methods
+
+
+# maps methods that read every measured sample (not only the calibration block)
+MEASURED_MAPS = ("espirit-sake",)
+DEFAULT_MAPS = "espirit-sake"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +92,7 @@ class PrepOptions:
     crop: tuple[int, int] | None = None
     coils: int | None = None
     seed: int = 0
-    maps: str = "espirit"
+    maps: str = DEFAULT_MAPS
     calib: int | None = None
     whiten: bool | None = None
     reference: str = "cg-sense"
@@ -291,12 +296,26 @@ def acs_norm(kspace: np.ndarray, calib: int) -> float:
     return float(np.percentile(rss(ifft2c(acs_kspace(kspace, (calib, calib))), dim=0), 99))
 
 
-def estimate_maps(kspace_acs: np.ndarray, calib: int, method: str = "espirit") -> np.ndarray:
-    """Coil maps ``(B, C, H, W)`` complex64 from k-space ``(B, C, H, W)`` that is zero outside the centred
-    ``calib x calib`` block. ``method``: one of :func:`maps_methods`."""
+def estimate_maps(kspace_acs: np.ndarray, calib: int, method: str = "espirit", mask: np.ndarray | None = None) -> np.ndarray:
+    """Coil maps ``(B, C, H, W)`` complex64 from k-space ``(B, C, H, W)``. ``method``: one of
+    :func:`maps_methods` except ``true``.
+
+    ``espirit``, ``espirit-torch``, ``lowres`` read only the centred ``calib x calib`` block (pass k-space
+    zero outside it). ``espirit-sake`` (:func:`ambient_mri.espirit.espirit_maps_completed`) reads every
+    measured sample: pass the measured k-space and its ``mask`` (broadcastable to ``(B, 1, H, W)``; default
+    the non-zero samples); for ``calib < 16`` it completes a larger centred block from them first."""
     from . import coils
 
     k = np.ascontiguousarray(kspace_acs, dtype=np.complex64)
+    if method == "espirit-sake":
+        import torch
+
+        from .espirit import espirit_maps_completed
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        m = (np.abs(k) > 0).any(axis=1, keepdims=True) if mask is None else np.asarray(mask, dtype=bool)
+        maps = espirit_maps_completed(torch.from_numpy(k).to(dev), torch.from_numpy(np.ascontiguousarray(m)), calib)
+        return maps.detach().cpu().numpy().astype(np.complex64)
     if method == "espirit":
         return np.stack([coils.espirit_maps(s, calib) for s in k]).astype(np.complex64)
     if method == "lowres":
@@ -460,6 +479,10 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
         maps = np.ones_like(k)
     elif S_true is not None:
         maps = S_true.astype(np.complex64)
+    elif opts.maps in MEASURED_MAPS:  # every sample measured in every target's mask (so no file sees more)
+        meas = m_in if m_in is not None else _common_mask([sm.mask for sm in drawn.values()], (H, W))
+        meas = np.broadcast_to(meas, (H, W))
+        maps = estimate_maps((k * meas)[None], calib, opts.maps, mask=meas[None, None])[0]
     else:
         maps = estimate_maps(acs_kspace(k, (calib, calib))[None], calib, opts.maps)[0]
     norm = acs_norm(k, calib)
@@ -501,6 +524,14 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
                 d["forward_residual"], d["noise_residual"] = forward_residual(d["kspace"], maps, d["mask"], ref,
                                                                              noise_std)
         out[R] = d
+    return out
+
+
+def _common_mask(masks: list, shape: tuple[int, int]) -> np.ndarray:
+    """The samples measured by every mask in ``masks`` (all-True for none: fully sampled data)."""
+    out = np.ones(shape, dtype=bool)
+    for m in masks:
+        out = out & np.broadcast_to(np.asarray(m, dtype=bool), shape)
     return out
 
 
@@ -1218,10 +1249,12 @@ skipped with a one-line error and the exit status is 1. See docs/prep.md and doc
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Base seed; each slice's mask seed is a hash of it, the input file name and the slice index.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Volumes prepared in parallel (processes).")
-@click.option("--maps", type=click.Choice(maps_methods()), default="espirit", show_default=True,
-              help="Coil maps: espirit (sigpy, one set, no eigenvalue crop) or lowres (ACS coil images / RSS), from "
-                   "the calibration block only; or true: the maps a simulated input carries (dataset "
-                   "sim_coil_maps), whitened, cropped and compressed like its k-space.")
+@click.option("--maps", type=click.Choice(maps_methods()), default=DEFAULT_MAPS, show_default=True,
+              help="Coil maps: espirit-sake (ESPIRiT; below a 16x16 calibration block it first completes a larger "
+                   "centred block from the measured samples by low-rank completion), espirit / espirit-torch "
+                   "(ESPIRiT of the calibration block only, sigpy / torch), lowres (ACS coil images / RSS); or true: "
+                   "the maps a simulated input carries (dataset sim_coil_maps), whitened, cropped and compressed "
+                   "like its k-space.")
 @click.option("--calib", type=int, default=None,
               help="Side of the centred square calibration block used for maps, coil compression and the "
                    "norm; at most the mask's fully sampled centre. Default: that centre (image domain: 24).")
