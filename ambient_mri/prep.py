@@ -839,6 +839,7 @@ def _file_attrs(plan: VolumePlan, opts: PrepOptions, target, rows: list[dict], s
         attrs["reference_kind"] = opts.reference if first["has_reference"] else "none"
     if opts.domain == "image":
         attrs["corruption"], attrs["level"] = opts.corruption, float(opts.level)
+        attrs.pop("noise_std_source")  # image-domain files carry no noise_std
     return attrs
 
 
