@@ -313,8 +313,8 @@ def estimate_maps(kspace_acs: np.ndarray, calib: int, method: str = "espirit", m
         from .espirit import espirit_maps_completed
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        m = (np.abs(k) > 0).any(axis=1, keepdims=True) if mask is None else np.asarray(mask, dtype=bool)
-        maps = espirit_maps_completed(torch.from_numpy(k).to(dev), torch.from_numpy(np.ascontiguousarray(m)), calib)
+        m = (np.abs(k) > 0).any(axis=1, keepdims=True) if mask is None else np.array(mask, dtype=bool)
+        maps = espirit_maps_completed(torch.from_numpy(k).to(dev), torch.from_numpy(m), calib)
         return maps.detach().cpu().numpy().astype(np.complex64)
     if method == "espirit":
         return np.stack([coils.espirit_maps(s, calib) for s in k]).astype(np.complex64)

@@ -53,6 +53,16 @@ def est_maps(problem):
     return {meth: estimated(y, m, meth) for meth in ("espirit", "espirit-torch", "espirit-sake")}
 
 
+def test_espirit_defaults_small_blocks_changed_large_blocks_kept():
+    """Kernel 3 / thresh 0.05 for an 8 x 8 block (docs/espirit.md); 24 x 24 keeps kernel 6 / thresh 0.02."""
+    from ambient_mri.espirit import completion_size, default_kernel_width, default_thresh
+
+    assert (default_kernel_width((8, 8)), default_thresh(3)) == (3, 0.05)
+    assert (default_kernel_width((24, 24)), default_thresh(6)) == (6, 0.02)
+    assert default_kernel_width((16, 16)) == 5 and default_kernel_width((4, 4)) == 2
+    assert completion_size(8, (64, 64)) == 20 and completion_size(8, (12, 12)) == 12
+
+
 def test_poisson_mask_has_the_8x8_calibration_block(problem):
     m = problem["mask"].numpy()
     assert abs(m[0].size / m[0].sum() - R) < 0.1
