@@ -11,11 +11,14 @@ Per slice ``k`` ``(C, H, W)`` (:func:`prepare_slice`; :func:`prepare_volume` doe
 3. SVD coil compression to ``N`` virtual coils, the compression matrix from the calibration block;
 4. mask ``M``: the input's own (``mask_seed = -1``) or drawn per slice with a seed derived from
    ``--seed``, the input file name and the slice index (:func:`slice_seed`);
-5. maps ``S`` from the centred ``calib x calib`` block of k-space only (``calib`` <= the mask's fully
-   sampled centre, so maps never see an unmeasured sample);
+5. maps ``S`` from measured samples only: the centred ``calib x calib`` block (``calib`` <= the mask's
+   fully sampled centre), or for ``espirit-sake`` (default) every sample measured in every target's mask
+   (a larger centred block completed from them when ``calib < 16``); or the input's true maps (``true``);
 6. ``norm`` = 99th percentile of ``RSS(ifft2c(k restricted to the calib x calib block))``; ``k <- k / norm``;
-7. store ``M k`` (exactly zero where ``M = 0``) with ``M``, ``S``, ``norm``, seeds; val/test also a
-   ``reference`` (30 iterations of CG-SENSE ``(A^H A) x = A^H k`` with ``M = 1``, or RSS).
+   ``noise_std`` = the noise std of one prepared sample (:func:`prepared_noise_std`);
+7. store ``M k`` (exactly zero where ``M = 0``) with ``M``, ``S``, ``norm``, ``noise_std``, seeds; val/test
+   also a ``reference`` (30 iterations of CG-SENSE ``(A^H A) x = A^H k`` with ``M = 1``, or RSS) and the
+   forward-model residual ``||y - M F S x_ref|| / ||y||`` beside the noise share (:func:`forward_residual`).
    ``--domain image``: ``image = M x`` with ``M`` an image-domain box/pixel mask and ``x`` the reference.
 """
 
@@ -474,7 +477,7 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
         if corner_cov is not None:
             corner_cov = U.conj().T @ corner_cov @ U
 
-    # 4. maps from the calibration block only, 5. norm from the same block
+    # 4. maps from measured samples only (the calibration block, or all of them for MEASURED_MAPS), 5. norm
     if single:
         maps = np.ones_like(k)
     elif S_true is not None:
