@@ -5,7 +5,8 @@ Shapes: k-space ``y`` ``(B, C, H, W)``, coil maps ``(B, C, H, W)``, mask as in `
 or numpy arrays; outputs are torch tensors on ``y``'s device.
 
 * :func:`zero_filled`: ``A^H y`` (coil-combined with the maps); :func:`rss_zero_filled`: ``RSS(F^-1 M y)``.
-* :func:`cg_sense`: CG on ``(A^H A + lam I) x = A^H y``.
+* :func:`cg_sense`: CG on ``(A^H A + lam I) x = A^H y`` (default ``lam = 0.01``: stable at R = 8 with
+  estimated maps, where unregularised CG amplifies map errors and noise as it converges).
 * :func:`l1_wavelet`: ``min_x 1/2 ||A x - y||^2 + lam ||Psi x||_1`` (``sigpy.mri.app.L1WaveletRecon``,
   FISTA, one slice at a time). ``lam`` acts on the data *as scaled*: our prepared data are divided by
   the 99th percentile of the ACS-only RSS image, so image intensities are O(1) and the A-DPS paper's
@@ -69,9 +70,19 @@ def rss_zero_filled(y, mask=None) -> torch.Tensor:
     return rss(ifft2c(y), dim=1)
 
 
-def cg_sense(y, maps, mask, iters: int = 30, lam: float = 0.0, tol: float = 0.0, x0=None) -> torch.Tensor:
+CG_SENSE_LAMBDA = 0.01
+
+
+def cg_sense(y, maps, mask, iters: int = 30, lam: float | None = None, tol: float = 0.0, x0=None) -> torch.Tensor:
     """CG-SENSE: ``iters`` conjugate-gradient steps on ``(A^H A + lam I) x = A^H y`` from ``x0`` (zeros),
-    every slice solved independently; ``tol`` stops once ``||r|| <= tol ||A^H y||`` for all. -> ``(B, H, W)``."""
+    every slice solved independently; ``tol`` stops once ``||r|| <= tol ||A^H y||`` for all. -> ``(B, H, W)``.
+
+    ``lam`` (default :data:`CG_SENSE_LAMBDA` = 0.01) is relative to ``A^H A``, whose largest eigenvalue is
+    1 for maps with ``sum_c |S_c|^2 = 1`` (ESPIRiT's), so it does not depend on the data scale. Without
+    it (``lam=0``) CG semi-converges at R = 8: on SIAT x head-coil data (64 x 64, 2-D Poisson, 8 x 8
+    calibration, estimated maps) 10 iterations gave 25.9 dB and 30 gave 23.7 dB, against 26.0 dB for 30
+    iterations with ``lam = 0.01`` and 20.3 dB zero-filled (``docs/espirit.md``)."""
+    lam = CG_SENSE_LAMBDA if lam is None else float(lam)
     y, maps, m = _inputs(y, maps, mask)
     op = SenseOp(maps, m)
     x0 = None if x0 is None else _tensor(x0, y.device).to(y.dtype)

@@ -52,13 +52,13 @@ def _hann_block(shape, calib):
     return out
 
 
-def espirit_maps(kspace: np.ndarray, calib: int, *, kernel_width: int | None = None, thresh: float = 0.02,
+def espirit_maps(kspace: np.ndarray, calib: int, *, kernel_width: int | None = None, thresh: float | None = None,
                  crop: float = 0.0, max_iter: int = 100, device=None) -> np.ndarray:
     """ESPIRiT maps (one set, like BART ``ecalib -m 1 -c0``) with ``sigpy.mri.app.EspiritCalib``.
 
-    ``kspace``: ``(C, H, W)``; only its centred ``calib x calib`` block is read. ``kernel_width``
-    defaults to ``min(6, calib // 2)`` so that small calibration blocks (8 x 8) still give a usable
-    calibration matrix. ``device``: a sigpy device (``-1`` CPU, ``0`` first GPU).
+    ``kspace``: ``(C, H, W)``; only its centred ``calib x calib`` block is read. ``kernel_width`` and
+    ``thresh`` default to :func:`ambient_mri.espirit.default_kernel_width` (3 for an 8 x 8 block, 6 from
+    17 on) and :func:`ambient_mri.espirit.default_thresh`. ``device``: a sigpy device (``-1`` CPU, ``0`` first GPU).
     """
     import sigpy as sp
     import sigpy.mri
@@ -66,7 +66,10 @@ def espirit_maps(kspace: np.ndarray, calib: int, *, kernel_width: int | None = N
     C, H, W = kspace.shape
     if calib > min(H, W):
         raise ConfigError(f"calibration width {calib} exceeds the matrix {H}x{W}")
-    kw = kernel_width or max(2, min(6, calib // 2))
+    from .espirit import default_kernel_width, default_thresh
+
+    kw = kernel_width or default_kernel_width((calib, calib))
+    thresh = default_thresh(kw) if thresh is None else thresh
     dev = sp.Device(-1 if device is None else device)
     app = sigpy.mri.app.EspiritCalib(np.ascontiguousarray(kspace, dtype=np.complex64), calib_width=calib,
                                      thresh=thresh, kernel_width=kw, crop=crop, max_iter=max_iter,

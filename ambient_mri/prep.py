@@ -12,11 +12,14 @@ Per slice ``k`` ``(C, H, W)`` (:func:`prepare_slice`; :func:`prepare_volume` doe
 3. SVD coil compression to ``N`` virtual coils, the compression matrix from the calibration block;
 4. mask ``M``: the input's own (``mask_seed = -1``) or drawn per slice with a seed derived from
    ``--seed``, the input file name and the slice index (:func:`slice_seed`);
-5. maps ``S`` from the centred ``calib x calib`` block of k-space only (``calib`` <= the mask's fully
-   sampled centre, so maps never see an unmeasured sample);
+5. maps ``S`` from measured samples only: the centred ``calib x calib`` block (``calib`` <= the mask's
+   fully sampled centre), or for ``espirit-sake`` (default) every sample measured in every target's mask
+   (a larger centred block completed from them when ``calib < 16``); or the input's true maps (``true``);
 6. ``norm`` = 99th percentile of ``RSS(ifft2c(k restricted to the calib x calib block))``; ``k <- k / norm``;
-7. store ``M k`` (exactly zero where ``M = 0``) with ``M``, ``S``, ``norm``, seeds; val/test also a
-   ``reference`` (30 iterations of CG-SENSE ``(A^H A) x = A^H k`` with ``M = 1``, or RSS).
+   ``noise_std`` = the noise std of one prepared sample (:func:`prepared_noise_std`);
+7. store ``M k`` (exactly zero where ``M = 0``) with ``M``, ``S``, ``norm``, ``noise_std``, seeds; val/test
+   also a ``reference`` (30 iterations of CG-SENSE ``(A^H A) x = A^H k`` with ``M = 1``, or RSS) and the
+   forward-model residual ``||y - M F S x_ref|| / ||y||`` beside the noise share (:func:`forward_residual`).
    ``--domain image``: ``image = M x`` with ``M`` an image-domain box/pixel mask and ``x`` the reference.
 """
 
@@ -53,13 +56,22 @@ IMAGE_DOMAIN_CALIB = 24  # A-DPS's 24 x 24 training calibration block
 _MAX_SEED = 2**31 - 2**20  # room for sigpy-poisson's seed + 1000 k retries below 2**31
 
 
+TRUE_MAPS_KEY = "sim_coil_maps"  # dataset of simulated inputs holding the maps they were made with
+FIT_WARN_RATIO = 1.5  # warn when the forward-model residual exceeds this multiple of the noise share
+
+
 def maps_methods() -> tuple[str, ...]:
-    """Coil-map estimators: ``espirit`` (sigpy), ``lowres``, and ``espirit-torch`` once
-    ``ambient_mri/espirit.py`` (batched torch ESPIRiT) exists in the package."""
-    methods = ("espirit", "lowres")
+    """Coil-map sources: ``espirit`` (sigpy), ``lowres``, ``true`` (the input's own ``sim_coil_maps``), and
+    ``espirit-torch`` once ``ambient_mri/espirit.py`` (batched torch ESPIRiT) exists in the package."""
+    methods = ("espirit", "lowres", "true")
     if importlib.util.find_spec("ambient_mri.espirit") is not None:
-        methods += ("espirit-torch",)
+        methods += ("espirit-torch", "espirit-sake")
     return methods
+
+
+# maps methods that read every measured sample (not only the calibration block)
+MEASURED_MAPS = ("espirit-sake",)
+DEFAULT_MAPS = "espirit-sake"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +96,7 @@ class PrepOptions:
     crop: tuple[int, int] | None = None
     coils: int | None = None
     seed: int = 0
-    maps: str = "espirit"
+    maps: str = DEFAULT_MAPS
     calib: int | None = None
     whiten: bool | None = None
     reference: str = "cg-sense"
@@ -368,12 +380,26 @@ def acs_norm(kspace: np.ndarray, calib: int) -> float:
     return float(np.percentile(rss(ifft2c(acs_kspace(kspace, (calib, calib))), dim=0), 99))
 
 
-def estimate_maps(kspace_acs: np.ndarray, calib: int, method: str = "espirit") -> np.ndarray:
-    """Coil maps ``(B, C, H, W)`` complex64 from k-space ``(B, C, H, W)`` that is zero outside the centred
-    ``calib x calib`` block. ``method``: one of :func:`maps_methods`."""
+def estimate_maps(kspace_acs: np.ndarray, calib: int, method: str = "espirit", mask: np.ndarray | None = None) -> np.ndarray:
+    """Coil maps ``(B, C, H, W)`` complex64 from k-space ``(B, C, H, W)``. ``method``: one of
+    :func:`maps_methods` except ``true``.
+
+    ``espirit``, ``espirit-torch``, ``lowres`` read only the centred ``calib x calib`` block (pass k-space
+    zero outside it). ``espirit-sake`` (:func:`ambient_mri.espirit.espirit_maps_completed`) reads every
+    measured sample: pass the measured k-space and its ``mask`` (broadcastable to ``(B, 1, H, W)``; default
+    the non-zero samples); for ``calib < 16`` it completes a larger centred block from them first."""
     from . import coils
 
     k = np.ascontiguousarray(kspace_acs, dtype=np.complex64)
+    if method == "espirit-sake":
+        import torch
+
+        from .espirit import espirit_maps_completed
+
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        m = (np.abs(k) > 0).any(axis=1, keepdims=True) if mask is None else np.array(mask, dtype=bool)
+        maps = espirit_maps_completed(torch.from_numpy(k).to(dev), torch.from_numpy(m), calib)
+        return maps.detach().cpu().numpy().astype(np.complex64)
     if method == "espirit":
         return np.stack([coils.espirit_maps(s, calib) for s in k]).astype(np.complex64)
     if method == "lowres":
@@ -442,9 +468,17 @@ def resolve_calib(options: PrepOptions, acs: tuple[int, int] | None, shape: tupl
 
 def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, options: PrepOptions | None = None, *,
                       seed: int = 0, whiten: bool | str = False, single_coil: bool | None = None,
-                      input_accel: float | None = None, path: str | os.PathLike | None = None) -> dict:
+                      input_accel: float | None = None, path: str | os.PathLike | None = None,
+                      true_maps: np.ndarray | None = None, noise_sigma: float | None = None,
+                      noise_corner: bool = False) -> dict:
     """:func:`prepare_slice` for every target of ``options`` at once (whitening, crop, compression, maps,
     norm and reference are shared): ``{R: slice dict}`` (``{None: ...}`` for ``--domain image``).
+
+    ``true_maps`` ``(C, H, W)``: the maps the input was simulated with (used when ``options.maps ==
+    "true"``; whitened, cropped and compressed exactly as the k-space). ``noise_sigma``: the input's known
+    per-coil k-space noise std (``E|n|^2 = sigma^2``, raw units), converted to ``noise_std`` in prepared units.
+    ``noise_corner``: the readout is oversampled, so the image corner holds noise (used for ``noise_std``
+    when the data are neither whitened nor of known noise).
 
     ``whiten``: ``True`` (fail if impossible), ``False``, or ``"try"`` (skip with a warning if the corner
     holds no noise). ``input_accel``: nominal acceleration recorded for an input mask (the file's
@@ -469,6 +503,7 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
             raise DataError("--domain image needs fully sampled input; this one carries its own mask", path)
         k = k * m_in
 
+    k_pre = k  # the whitening matrix of true maps is fitted from k before and after
     # 1. prewhitening (before the crop: the corner lies in the oversampled readout)
     whitened = False
     if whiten:
@@ -480,9 +515,25 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
         else:
             raise DataError(f"cannot prewhiten: {reason} (use --no-whiten)", path)
 
+    corner_cov = None
+    if noise_corner and not whitened and noise_sigma is None:
+        corner_cov = corner_noise_covariance(k)
+    S_true = None
+    if opts.maps == "true" and not single:
+        if true_maps is None:
+            raise ConfigError(f"--maps true: the input carries no true coil maps (dataset {TRUE_MAPS_KEY})", path)
+        S_true = np.asarray(true_maps, dtype=np.complex64)
+        if S_true.shape != (C, H, W):
+            raise DataError(f"{TRUE_MAPS_KEY} of shape {S_true.shape} does not match k-space {(C, H, W)}", path)
+        if whitened:
+            S_true = apply_coil_matrix(coil_matrix(k_pre, k), S_true)
+
     # 2. crop
     if opts.crop is not None:
+        mask_before_crop = m_in
         k, m_in = crop_kspace(k, tuple(opts.crop), m_in)
+        if S_true is not None:
+            S_true = crop_maps(S_true, tuple(opts.crop), mask_before_crop)
     H, W = k.shape[-2:]
 
     # sampling masks (drawn on the cropped matrix) and the calibration block they all share
@@ -500,30 +551,43 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
     if opts.coils is not None and opts.coils != C:
         if opts.coils > C:
             raise ConfigError(f"--coils {opts.coils} is more than the {C} coils of the input", path)
-        k, _ = coil_compress(k, opts.coils, (calib, calib))
+        k, U = coil_compress(k, opts.coils, (calib, calib))
         k = k * m_in if m_in is not None else k
+        if S_true is not None:
+            S_true = apply_coil_matrix(U.conj().T, S_true)
+        if corner_cov is not None:
+            corner_cov = U.conj().T @ corner_cov @ U
 
-    # 4. maps from the calibration block only, 5. norm from the same block
+    # 4. maps from measured samples only (the calibration block, or all of them for MEASURED_MAPS), 5. norm
     if single:
         maps = np.ones_like(k)
+    elif S_true is not None:
+        maps = S_true.astype(np.complex64)
+    elif opts.maps in MEASURED_MAPS:  # every sample measured in every target's mask (so no file sees more)
+        meas = m_in if m_in is not None else _common_mask([sm.mask for sm in drawn.values()], (H, W))
+        meas = np.broadcast_to(meas, (H, W))
+        maps = estimate_maps((k * meas)[None], calib, opts.maps, mask=meas[None, None])[0]
     else:
         maps = estimate_maps(acs_kspace(k, (calib, calib))[None], calib, opts.maps)[0]
     norm = acs_norm(k, calib)
     if not (np.isfinite(norm) and norm > 0):
         raise DataError(f"the {calib}x{calib} calibration block is empty (norm {norm:g})", path)
     k = (k / norm).astype(np.complex64)
+    noise_std, noise_source = prepared_noise_std(norm, whitened, noise_sigma, corner_cov)
 
     # 6. reference (fully sampled input only)
     need_ref = m_in is None and (opts.split != "train" or opts.domain == "image")
     ref = reference_image(k, maps, opts.reference, opts.cg_iters) if need_ref else None
 
     common = {"norm": np.float32(norm), "calib": calib, "whitened": whitened, "warnings": notes,
-              "shape": (H, W)}
+              "shape": (H, W), "noise_std": np.float32(noise_std), "noise_source": noise_source,
+              "maps_kind": "none (single coil)" if single else "true" if S_true is not None else opts.maps}
     out = {}
     if opts.domain == "image":
         m = image_mask(opts.corruption, (H, W), float(opts.level), seed=seed)
         d = dict(common, image=(m * ref).astype(np.complex64), mask=m, mask_seed=seed, mask_kind=opts.corruption,
                  accel=1.0 / (1.0 - float(opts.level)), accel_actual=acceleration(m), acs=(0, 0))
+        d.pop("noise_std")  # a k-space quantity: image-domain files do not carry it
         if opts.split != "train":
             d["reference"] = ref
         out[None] = d
@@ -540,8 +604,122 @@ def prepare_slice_all(kspace: np.ndarray, mask: np.ndarray | None = None, option
                  acs=(H, acs[1]) if acs[0] == 1 else tuple(acs))
         if ref is not None and opts.split != "train":
             d["reference"] = ref
+            if opts.reference == "cg-sense":
+                d["forward_residual"], d["noise_residual"] = forward_residual(d["kspace"], maps, d["mask"], ref,
+                                                                             noise_std)
         out[R] = d
     return out
+
+
+def _common_mask(masks: list, shape: tuple[int, int]) -> np.ndarray:
+    """The samples measured by every mask in ``masks`` (all-True for none: fully sampled data)."""
+    out = np.ones(shape, dtype=bool)
+    for m in masks:
+        out = out & np.broadcast_to(np.asarray(m, dtype=bool), shape)
+    return out
+
+
+def coil_matrix(k_before: np.ndarray, k_after: np.ndarray) -> np.ndarray:
+    """The ``C' x C`` matrix ``W`` with ``k_after = W k_before`` over the coil axis of ``(C, H, W)`` k-space
+    (least squares over all samples; exact for a linear coil transform such as prewhitening)."""
+    A = np.asarray(k_before).reshape(k_before.shape[0], -1)
+    B = np.asarray(k_after).reshape(k_after.shape[0], -1)
+    return np.linalg.lstsq(A.T, B.T, rcond=None)[0].T.astype(np.complex64)
+
+
+def apply_coil_matrix(Wm: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """``S'_d = sum_c W_dc S_c``: a coil transform of k-space applied to the maps ``(C, H, W)`` keeps
+    ``k = F(S x)`` exact (``W k = F((W S) x)``)."""
+    return np.tensordot(Wm, np.asarray(maps), axes=(1, 0)).astype(np.complex64)
+
+
+def crop_maps(maps: np.ndarray, crop: tuple[int, int], mask: np.ndarray | None = None) -> np.ndarray:
+    """Maps ``(C, H, W)`` cropped as :func:`crop_kspace` crops the k-space: an image-space crop stays an
+    image-space crop of the maps (exact); an axis cropped in k-space (the phase encode of masked input,
+    both axes of a 2-D mask) keeps the field of view at a coarser pixel size, so the maps are linearly
+    interpolated onto the coarser pixel centres (:func:`_regrid`; smooth maps need no more)."""
+    from .fft import center_crop
+
+    h, w = crop
+    H, W = maps.shape[-2:]
+    if (h, w) == (H, W):
+        return maps
+    if mask is None:
+        return center_crop(maps, (h, w)).astype(np.complex64)
+    out = np.asarray(maps)
+    if mask.shape[0] == 1:
+        top = (H - h) // 2
+        out = out[..., top : top + h, :]
+    else:
+        out = _regrid(out, h, -2)
+    return _regrid(out, w, -1).astype(np.complex64)
+
+
+def _regrid(a: np.ndarray, n: int, axis: int) -> np.ndarray:
+    """Resample ``a`` along ``axis`` from ``N`` to ``n`` pixels over the same field of view (k-space crop to
+    the ``n`` lines around DC): pixel ``j`` of the coarse grid sits at ``(j - n // 2) N / n`` fine pixels from
+    the centre pixel ``N // 2``; linear interpolation of real and imaginary parts, ends held."""
+    N = a.shape[axis]
+    if n == N:
+        return a
+    pos = (np.arange(n) - n // 2) * (N / n) + N // 2
+    moved = np.moveaxis(a, axis, -1)
+    flat = moved.reshape(-1, N)
+    grid = np.arange(N)
+    out = np.stack([np.interp(pos, grid, r.real) + 1j * np.interp(pos, grid, r.imag) for r in flat])
+    return np.moveaxis(out.reshape(moved.shape[:-1] + (n,)), -1, axis)
+
+
+def corner_noise_covariance(kspace: np.ndarray, corner: int = NOISE_CORNER) -> np.ndarray | None:
+    """Coil noise covariance ``(C, C)`` of the ``corner x corner`` top-left corner of the coil images of
+    ``kspace (C, H, W)`` (noise only when the readout is oversampled), or ``None`` if it holds too few
+    samples."""
+    from .coils import noise_covariance, noise_from_corner
+
+    C, H, W = kspace.shape
+    size = min(corner, H, W)
+    if size * size <= C:
+        return None
+    return noise_covariance(noise_from_corner(kspace, size))
+
+
+def prepared_noise_std(norm: float, whitened: bool, noise_sigma: float | None = None,
+                       corner_cov: np.ndarray | None = None) -> tuple[float, str]:
+    """Std of the complex noise of one prepared k-space sample of one coil (``E|n|^2 = noise_std^2``) and
+    where it comes from. Crops (orthonormal FFTs, centred windows) keep white noise white with the same
+    std, SVD compression too (orthonormal columns), so only whitening and the norm change it:
+
+    1. ``"whitened"``: unit covariance after prewhitening -> ``1 / norm``;
+    2. ``"simulated"``: the input's known ``noise_sigma`` (raw units) -> ``noise_sigma / norm``;
+    3. ``"image corner"``: ``sqrt(tr Psi / C) / norm`` with ``Psi`` the (compressed) coil covariance of the
+       image corner of an oversampled readout (the mean over coils when the noise is not white);
+    4. otherwise ``NaN`` (``"unknown"``). (The k-space periphery of non-oversampled data was tried and
+       rejected: on SIAT 64 x 64 it overestimated the known sigma 1.6-2.1x, signal remains there.)
+    """
+    if whitened:
+        return 1.0 / float(norm), "whitened"
+    if noise_sigma is not None and np.isfinite(noise_sigma) and noise_sigma >= 0:
+        return float(noise_sigma) / float(norm), "simulated"
+    if corner_cov is not None:
+        var = float(np.trace(corner_cov).real) / corner_cov.shape[0]
+        if np.isfinite(var) and var > 0:
+            return math.sqrt(var) / float(norm), "image corner"
+    return math.nan, "unknown"
+
+
+def forward_residual(y: np.ndarray, maps: np.ndarray, mask: np.ndarray, x_ref: np.ndarray,
+                     noise_std: float) -> tuple[float, float]:
+    """``(||y - M F S x_ref|| / ||y||, noise_std sqrt(C n_M) / ||y||)`` for measured k-space ``y (C, H, W)``
+    (zero where ``M = 0``), ``n_M`` the measured samples per coil: how far the maps ``S`` explain the data,
+    and the part of it that the noise alone explains (the expected ``||n|| / ||y||``)."""
+    from .fft import fft2c
+
+    m = np.broadcast_to(np.asarray(mask, dtype=bool), y.shape[-2:])
+    r = m * (np.asarray(y) - fft2c(np.asarray(maps) * np.asarray(x_ref)[None]))
+    ny = float(np.linalg.norm(y))
+    if ny == 0:
+        return math.nan, math.nan
+    return float(np.linalg.norm(r)) / ny, float(noise_std) * math.sqrt(y.shape[0] * int(m.sum())) / ny
 
 
 def prepare_slice(kspace: np.ndarray, mask: np.ndarray | None = None, options: PrepOptions | None = None, *,
@@ -611,6 +789,8 @@ def plan_volume(vol, options: PrepOptions) -> VolumePlan:
     else:
         acs = None
     calib = resolve_calib(options, acs, (h, w), p if mask is not None else None)
+    if options.maps == "true" and not vol.single_coil:
+        true_maps(vol, 0)  # a one-line ConfigError naming the file if it carries none
     whiten, whiten_note = whitening_mode(options.whiten, vol)
     hdr = vol.header
     fov, enc = hdr["encoding_fov_mm"], hdr["encoding_size"]
@@ -623,15 +803,47 @@ def plan_volume(vol, options: PrepOptions) -> VolumePlan:
                       warnings=list(vol.warnings) + ([whiten_note] if whiten_note else []))
 
 
+def true_maps(vol, i: int) -> np.ndarray:
+    """The true coil maps ``(C, H, W)`` of slice ``i`` that a simulated input carries as dataset
+    :data:`TRUE_MAPS_KEY` (``(C, H, W)`` for the whole volume or ``(S, C, H, W)`` per slice)."""
+    import h5py
+
+    f = vol._file
+    ds = f.get(TRUE_MAPS_KEY) if f is not None else None
+    if not isinstance(ds, h5py.Dataset):
+        raise ConfigError(f"--maps true: the file carries no true coil maps (no dataset {TRUE_MAPS_KEY})", vol.path)
+    S, C, H, W = vol.shape
+    if ds.shape == (C, H, W):
+        return np.asarray(ds[()], dtype=np.complex64)
+    if ds.shape == (S, C, H, W):
+        return np.asarray(ds[i], dtype=np.complex64)
+    raise DataError(f"{TRUE_MAPS_KEY} has shape {ds.shape}, expected {(C, H, W)} or {(S, C, H, W)}", vol.path)
+
+
+def known_noise_sigma(vol, i: int) -> float | None:
+    """The input's known per-coil k-space noise std of slice ``i`` (attribute ``noise_sigma`` that the
+    simulating converters write: a scalar or one value per slice, ``E|n|^2 = sigma^2``), else ``None``."""
+    v = vol.attrs.get("noise_sigma")
+    if v is None:
+        return None
+    a = np.asarray(v, dtype=np.float64).ravel()
+    if a.size == 1:
+        return float(a[0])
+    return float(a[i]) if a.size == vol.shape[0] else None
+
+
 def iter_prepared(vol, options: PrepOptions, plan: VolumePlan | None = None):
     """Yield ``(slice_index, {target: slice dict})`` for the selected slices of an open volume, one
     slice read at a time."""
     plan = plan or plan_volume(vol, options)
     name = vol.path.name
+    want_true = options.maps == "true" and not plan.single_coil
     for i in plan.indices:
         seed = slice_seed(options.seed, name, i)
         yield i, prepare_slice_all(vol.slice(i), vol.mask, options, seed=seed, whiten=plan.whiten,
-                                   single_coil=plan.single_coil, input_accel=plan.input_accel, path=vol.path)
+                                   single_coil=plan.single_coil, input_accel=plan.input_accel, path=vol.path,
+                                   true_maps=true_maps(vol, i) if want_true else None,
+                                   noise_sigma=known_noise_sigma(vol, i), noise_corner=vol.readout_oversampled)
 
 
 def prepare_volume(volume, options: PrepOptions | None = None, *, accel: float | None = None,
@@ -661,7 +873,7 @@ def prepare_volume(volume, options: PrepOptions | None = None, *, accel: float |
     return arrays
 
 
-_PER_SLICE_KEYS = ("kspace", "image", "mask", "maps", "reference", "norm", "mask_seed")
+_PER_SLICE_KEYS = ("kspace", "image", "mask", "maps", "reference", "norm", "mask_seed", "noise_std")
 
 
 def _array_keys(d: dict) -> list[str]:
@@ -670,7 +882,7 @@ def _array_keys(d: dict) -> list[str]:
 
 def _stored(key, d):
     v = d[key]
-    if key == "norm":
+    if key in ("norm", "noise_std"):
         return np.float32(v)
     if key == "mask_seed":
         return np.int64(v)
@@ -681,7 +893,7 @@ def _stored(key, d):
 
 def _meta(d: dict) -> dict:
     """A slice dict without its arrays (what the file attributes need)."""
-    out = {k: v for k, v in d.items() if k not in _PER_SLICE_KEYS or k == "norm"}
+    out = {k: v for k, v in d.items() if k not in _PER_SLICE_KEYS or k in ("norm", "noise_std")}
     out["has_reference"] = d.get("has_reference", "reference" in d)
     return out
 
@@ -697,13 +909,19 @@ def _file_attrs(plan: VolumePlan, opts: PrepOptions, target, rows: list[dict], s
         "whitened": np.array([bool(r["whitened"]) for r in rows]),
         "voxel_size_mm": np.asarray(plan.voxel_size_mm, dtype=np.float64),
         "warnings": json.dumps(notes),
+        "maps_kind": first.get("maps_kind", opts.maps),
+        "noise_std_source": json.dumps([r.get("noise_source", "unknown") for r in rows]),
     }
+    if "forward_residual" in first:
+        attrs["forward_residual"] = np.array([r["forward_residual"] for r in rows], dtype=np.float64)
+        attrs["noise_residual"] = np.array([r["noise_residual"] for r in rows], dtype=np.float64)
     if source_sha256 is not None:
         attrs["source_sha256"] = source_sha256
     if opts.split != "train":
         attrs["reference_kind"] = opts.reference if first["has_reference"] else "none"
     if opts.domain == "image":
         attrs["corruption"], attrs["level"] = opts.corruption, float(opts.level)
+        attrs.pop("noise_std_source")  # image-domain files carry no noise_std
     return attrs
 
 
@@ -779,8 +997,12 @@ def _write_volume_unit(unit: dict) -> dict:
                 bar.update(1)
             bar.close()
             for t, f in files.items():
-                for k, v in _file_attrs(plan, opts, t, rows[t], digest).items():
+                attrs = _file_attrs(plan, opts, t, rows[t], digest)
+                for k, v in attrs.items():
                     f.attrs[k] = v
+                fit = fit_warning(attrs)
+                if fit:
+                    res.setdefault("warnings", []).append(f"{todo[t]}: {fit}")
             first = next(iter(rows.values()))
             note = whitening_note([r["whitened"] for r in first], [w for r in first for w in r["warnings"]])
             res["notes"] = [note] if note else []
@@ -790,6 +1012,21 @@ def _write_volume_unit(unit: dict) -> dict:
     except Exception as e:  # an unexpected failure in one file must not stop the others
         res.update(status="failed", error=f"{src}: {type(e).__name__}: {' '.join(str(e).split())[:300]}")
     return res
+
+
+def fit_warning(attrs: dict) -> str | None:
+    """A one-line warning when the maps explain the data worse than the noise allows: the median over
+    slices of ``||y - M F S x_ref|| / ||y||`` above :data:`FIT_WARN_RATIO` times the median noise share
+    (``noise_std sqrt(C n_M) / ||y||``); ``None`` otherwise or when either is unknown."""
+    if "forward_residual" not in attrs:
+        return None
+    res = float(np.nanmedian(attrs["forward_residual"])) if np.isfinite(attrs["forward_residual"]).any() else math.nan
+    noise = float(np.nanmedian(attrs["noise_residual"])) if np.isfinite(attrs["noise_residual"]).any() else math.nan
+    if not (np.isfinite(res) and np.isfinite(noise)) or res <= FIT_WARN_RATIO * noise:
+        return None
+    return (f"the coil maps explain the data worse than the noise allows: forward-model residual "
+            f"||y - MFSx_ref||/||y|| = {res:.3f}, noise alone {noise:.3f} (median over slices, "
+            f"> {FIT_WARN_RATIO:g}x)")
 
 
 def _create_datasets(f, d: dict, n: int):
@@ -823,7 +1060,13 @@ def describe_prepared(path) -> dict:
             "reference": a.get("reference_kind") if "reference" in f else None,
             "warnings": json.loads(a.get("warnings", "[]")),
             "shapes": {k: list(f[k].shape) for k in ("kspace", "image", "mask", "maps", "reference") if k in f},
+            "maps": a.get("maps_kind"),
+            "noise_std": [float(x) for x in f["noise_std"][()]] if "noise_std" in f else None,
+            "noise_std_source": json.loads(a["noise_std_source"]) if "noise_std_source" in a else None,
         }
+        if "forward_residual" in a:
+            d["forward_residual"] = [float(x) for x in np.atleast_1d(a["forward_residual"])]
+            d["noise_residual"] = [float(x) for x in np.atleast_1d(a["noise_residual"])]
     d["attrs"] = a
     return d
 
@@ -961,6 +1204,8 @@ def run_prep(input_path, output, options: PrepOptions, *, workers: int = 1, nift
 
     def collect(res):
         written.extend(res["written"])
+        for w in res.get("warnings", ()):
+            echo(f"warning: {w}")
         if res.get("fatal"):  # the output cannot be written (disk full, unwritable): stop the whole run
             raise OutputError(res["error"])
         if res["status"] == "failed":
@@ -1092,9 +1337,12 @@ skipped with a one-line error and the exit status is 1. See docs/prep.md and doc
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Base seed; each slice's mask seed is a hash of it, the input file name and the slice index.")
 @click.option("--workers", type=int, default=1, show_default=True, help="Volumes prepared in parallel (processes).")
-@click.option("--maps", type=click.Choice(maps_methods()), default="espirit", show_default=True,
-              help="Coil maps from the calibration block: espirit (sigpy, one set, no eigenvalue crop) or "
-                   "lowres (ACS coil images / RSS).")
+@click.option("--maps", type=click.Choice(maps_methods()), default=DEFAULT_MAPS, show_default=True,
+              help="Coil maps: espirit-sake (ESPIRiT; below a 16x16 calibration block it first completes a larger "
+                   "centred block from the measured samples by low-rank completion), espirit / espirit-torch "
+                   "(ESPIRiT of the calibration block only, sigpy / torch), lowres (ACS coil images / RSS); or true: "
+                   "the maps a simulated input carries (dataset sim_coil_maps), whitened, cropped and compressed "
+                   "like its k-space.")
 @click.option("--calib", type=int, default=None,
               help="Side of the centred square calibration block used for maps, coil compression and the "
                    "norm; at most the mask's fully sampled centre. Default: that centre (image domain: 24).")

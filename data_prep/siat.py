@@ -97,7 +97,8 @@ def head_coil_maps(head_path: str | os.PathLike, size: int, *, coils: int = 8, c
     if coils < C:
         k, _ = coil_compress(k, coils)
     with _one_blas_thread():  # a small SVD: extra BLAS threads only contend on a busy CPU (1-14 s vs 0.5 s)
-        maps = espirit_maps(k, min(calib, size // 2), device=device)
+        c = min(calib, size // 2)  # kernel and threshold fixed (not the estimator defaults): same maps across versions
+        maps = espirit_maps(k, c, kernel_width=max(2, min(6, c // 2)), thresh=0.02, device=device)
     maps = normalize_maps(maps)
     holes = int((np.sum(np.abs(maps) ** 2, axis=0) < 0.5).sum())
     if holes:

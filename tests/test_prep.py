@@ -115,7 +115,7 @@ def test_train_files_follow_the_contract_and_hold_only_masked_data(train_run, ra
     assert sorted(p.name for p in train_run.iterdir()) == ["manifest.json", "vol_a.h5", "vol_b.h5"]
     for name in ("vol_a.h5", "vol_b.h5"):
         d, a = read(train_run / name)
-        assert set(d) == {"kspace", "mask", "maps", "norm", "mask_seed", "slice_index"}  # no reference
+        assert set(d) == {"kspace", "mask", "maps", "norm", "mask_seed", "slice_index", "noise_std"}  # no reference
         assert d["kspace"].shape == (S, C, 64, 64) and d["kspace"].dtype == np.complex64
         assert d["mask"].shape == (S, 1, 64) and d["mask"].dtype == bool
         assert d["maps"].shape == (S, C, 64, 64) and d["maps"].dtype == np.complex64
@@ -201,7 +201,7 @@ def test_val_split_writes_one_folder_per_acceleration_with_references(val_run, r
         assert m["split"] == "val" and m["reference_kind"] == "cg-sense" and len(m["files"]) == 2
         assert all(f["reference"] == "cg-sense" and f["accel_actual"] == pytest.approx(R) for f in m["files"])
         d, a = read(folder / "vol_a.h5")
-        assert set(d) == {"kspace", "mask", "maps", "norm", "mask_seed", "slice_index", "reference"}
+        assert set(d) == {"kspace", "mask", "maps", "norm", "mask_seed", "slice_index", "reference", "noise_std"}
         assert d["reference"].shape == (S, 64, 64) and d["reference"].dtype == np.complex64
         assert a["reference_kind"] == "cg-sense" and a["accel"] == R and not a["whitened"].any()
         assert (d["kspace"][~np.broadcast_to(d["mask"][:, None], d["kspace"].shape)] == 0).all()
