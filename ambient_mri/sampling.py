@@ -251,8 +251,9 @@ def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int 
     ``d = (x - D_dc) / sigma``. ``mu``: ``lam`` if given (fixed), else :func:`dc_weight` — ``s^2 / v_t``
     with ``noise_std = s`` (a float or ``(B,)``; 0 = exact projection) and ``v_t`` from ``error_var``:
     ``residual`` (:func:`residual_error_variance`, default) or ``ideal`` (:func:`error_variance`); or the
-    legacy ``sigma_i^2`` when ``noise_std`` is None. ``churn`` > 0 adds EDM's stochastic noise injection. No gradients through the
-    network; ``2 steps - 1`` network evaluations with Heun. Returns the final data-consistent estimate.
+    legacy ``sigma_i^2`` when ``noise_std`` is None. ``churn`` > 0 adds EDM's stochastic noise injection.
+    No gradients through the network; ``2 steps - 1`` network evaluations with Heun. Returns the final
+    data-consistent estimate.
     """
     t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
     rhs0 = A.adjoint(y)

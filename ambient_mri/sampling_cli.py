@@ -62,7 +62,8 @@ def training_maps(data_root, n: int, *, shape=None, seed: int = 0) -> tuple:
         with h5py.File(p, "r") as f:
             m = f["maps"][s]
         if m.shape != counts[0][2][1:]:
-            raise AmbientMRIError(f"{p}: coil maps of shape {m.shape} differ from {counts[0][2][1:]} in {counts[0][0].name}")
+            raise AmbientMRIError(f"{p}: coil maps of shape {m.shape} differ from {counts[0][2][1:]} in "
+                                  f"{counts[0][0].name}")
         out.append(m)
         names.append((p.name, s))
     maps = torch.from_numpy(np.stack(out).astype(np.complex64))
@@ -223,7 +224,8 @@ def command(checkpoint, n, out, steps, seed, batch, device, ema, maps_from, quie
         raise AmbientMRIError("the sampler produced NaN or Inf (is the checkpoint trained?)", meta["path"])
     info = {"checkpoint": os.fspath(Path(meta["path"]).resolve()), "checkpoint_sha256": file_sha256(meta["path"]),
             "step": meta["step"], "kind": meta["training"].get("kind"), "ema": meta["ema"], "n": n, "steps": steps,
-            "seed": seed, "batch": batch or n, "device": str(dev), "corruption": corruption, "sampler": "fixed-mask Heun", "maps": maps_info}
+            "seed": seed, "batch": batch or n, "device": str(dev), "corruption": corruption, "sampler": "fixed-mask Heun",
+            "maps": maps_info}
     files = write_outputs(out, samples, fmasks, info)
     label = " (ORACLE model)" if info["kind"] == "oracle" else ""
     click.echo(f"wrote {n} prior samples{label} to {files['png'].parent}: "

@@ -126,7 +126,7 @@ def test_noise_level_plumbing_and_further_mask_recorded(setup, tmp_path):
     ck = root / "amb" / "checkpoint.pt"
     run_recon(root / "test", tmp_path / "est", "dc", checkpoint=ck, steps=2, quiet=True)
     arrays, attrs = read(tmp_path / "est" / "vol0.h5")
-    assert attrs["noise_std_source"] == "estimated" and attrs["further_mask"] == "independent"
+    assert attrs["noise_std_source"] == "estimated" and attrs["further_mask"] == "within"  # dc's default
     est = arrays["noise_std"]
     assert est.shape == (2,) and np.all(est > 0)
     # a prepared file that knows its noise (second slice unknown)
@@ -134,9 +134,9 @@ def test_noise_level_plumbing_and_further_mask_recorded(setup, tmp_path):
     shutil.copy(root / "test" / "vol0.h5", tmp_path / "known" / "vol0.h5")
     with h5py.File(tmp_path / "known" / "vol0.h5", "a") as f:
         f["noise_std"] = np.array([0.0123, np.nan], np.float32)
-    run_recon(tmp_path / "known", tmp_path / "file", "dc", checkpoint=ck, steps=2, quiet=True, further="within")
+    run_recon(tmp_path / "known", tmp_path / "file", "dc", checkpoint=ck, steps=2, quiet=True, further="independent")
     arrays, attrs = read(tmp_path / "file" / "vol0.h5")
-    assert attrs["noise_std_source"] == "estimated + file" and attrs["further_mask"] == "within"
+    assert attrs["noise_std_source"] == "estimated + file" and attrs["further_mask"] == "independent"
     np.testing.assert_allclose(arrays["noise_std"], [0.0123, est[1]], rtol=1e-6)
     run_recon(root / "test", tmp_path / "flag", "adps-noise", checkpoint=ck, steps=3, noise_std=0.02, quiet=True)
     arrays, attrs = read(tmp_path / "flag" / "vol0.h5")
@@ -146,6 +146,7 @@ def test_noise_level_plumbing_and_further_mask_recorded(setup, tmp_path):
     run_recon(root / "test", tmp_path / "pub", "adps", checkpoint=ck, steps=2, step_size=0.2, quiet=True)
     arrays, attrs = read(tmp_path / "pub" / "vol0.h5")
     assert "noise_std" not in arrays and attrs["noise_std_source"].startswith("not used")
+    assert attrs["further_mask"] == "independent"  # the published A-DPS rule
     with pytest.raises(ConfigError, match="--noise-std is not used"):
         run_recon(root / "test", tmp_path / "x", "adps", checkpoint=ck, noise_std=0.01, quiet=True)
     with pytest.raises(ConfigError, match="--further-mask is not used"):
