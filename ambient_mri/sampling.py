@@ -257,6 +257,7 @@ def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int 
     """
     t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
     rhs0 = A.adjoint(y)
+    y_meas = A.mask * y  # raw test files may hold values off the mask
     s2 = None if noise_std is None else noise_variance(noise_std, rhs0.shape[0], y.device)
     sd = float(getattr(denoiser, "sigma_data", 0.5))
 
@@ -267,7 +268,7 @@ def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int 
         if lam is not None:
             mu = lam
         elif s2 is not None and error_var == "residual":
-            v = residual_error_variance(y - A.forward(D), A, s2, error_variance(s, sd))
+            v = residual_error_variance(y_meas - A.forward(D), A, s2, error_variance(s, sd))
             mu = dc_weight(s, s2, sd, v)
         else:
             mu = dc_weight(s, s2, sd)
