@@ -520,3 +520,44 @@ def draw_training_further_masks(corruption: dict, batch: int, *, seed: int = 0) 
     key = "further_accel" if corruption.get("further_accel") is not None else "delta"
     return further_kspace_mask(torch.from_numpy(m), tuple(corruption["acs"]), generator=g,
                                **{key: corruption[key]})
+
+
+def further_masks_within(mask, corruption: dict, batch: int, *, seed: int = 0) -> torch.Tensor:
+    """Draw ``batch`` further masks ``M~ <= M_test`` by applying the *training* further-corruption rule of
+    ``corruption`` (as recorded in a checkpoint) to a given test mask instead of to a fresh training mask.
+
+    ``mask``: the test mask, any shape :func:`operators.as_mask` accepts (``(W,)``, ``(1, W)``, ``(H, W)``,
+    ``(1 or batch, 1 or H, W)``). The rule, per item ``b``:
+
+    * k-space, ``delta``: switch off ``round(delta n_outer)`` of the sampled non-ACS samples (as in training);
+    * k-space, ``further_accel = R~`` with training acceleration ``R``: keep the same *fraction* of the
+      measured samples as training keeps, ``count(M~) = floor(count(M_test) R / R~)`` (at least one sample
+      removed while any non-ACS sample remains), i.e. ``further_kspace_mask`` with
+      ``R~_test = N / (floor(count(M_test) R / R~) + 1/2)`` (the half keeps ``floor`` exact);
+    * image domain: ``further_image_mask(M_test, kind, further_level)``; clean models: all ones.
+
+    Returns bool ``(batch, h, W)`` (``h`` = 1 for line masks). The ACS block ``corruption["acs"]`` is never touched.
+    """
+    m = torch.as_tensor(np.asarray(mask) if not torch.is_tensor(mask) else mask).cpu()
+    while m.dim() < 3:
+        m = m[None]
+    if m.shape[0] not in (1, batch):
+        raise ConfigError(f"test mask batch {m.shape[0]} does not fit {batch} further masks")
+    m = (m > 0).expand(batch, *m.shape[1:]).clone()
+    H, W = corruption["shape"]
+    domain = corruption.get("domain", "kspace")
+    g = torch.Generator().manual_seed(int(seed))
+    if domain == "clean":
+        return torch.ones(batch, H, W, dtype=torch.bool)
+    if domain == "image":
+        return further_image_mask(m, corruption["kind"], corruption["further_level"], generator=g)
+    if corruption.get("further_accel") is None:
+        return further_kspace_mask(m, tuple(corruption["acs"]), delta=corruption["delta"], generator=g)
+    ratio = float(corruption["accel"]) / float(corruption["further_accel"])
+    n_grid = m.shape[1] * m.shape[2]
+    out = []
+    for b in range(batch):
+        keep = max(int(math.floor(float(m[b].sum()) * ratio)), 1)
+        out.append(further_kspace_mask(m[b : b + 1], tuple(corruption["acs"]), further_accel=n_grid / (keep + 0.5),
+                                       generator=g))
+    return torch.cat(out)

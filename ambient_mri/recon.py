@@ -8,9 +8,11 @@ same code as ``prep`` (maps from the ACS block, ACS-RSS normalisation).
 Output, one ``.h5`` per input (fastMRI's reconstruction layout plus extras): ``reconstruction``
 ``(S, H, W)`` float32 magnitude (the mean over ``--samples`` posterior samples), ``reconstruction_complex``
 ``(S, H, W)`` complex64, ``std`` ``(S, H, W)`` float32 (per-pixel standard deviation of the complex
-samples, K > 1), ``data_consistency`` ``(S,)`` = ``||A x - y|| / ||y||``, ``slice_index``; attributes name
-the method, checkpoint, steps, NFEs, seed, seconds per slice and the units (``prepared``: the prepared
-data's normalised units; ``raw``: multiplied back by each slice's norm). Also a NIfTI magnitude volume
+samples, K > 1), ``data_consistency`` ``(S,)`` = ``||A x - y|| / ||y||``, ``slice_index``, ``noise_std``
+``(S,)`` (the noise level the noise-aware samplers used, prepared units); attributes name the method,
+checkpoint, steps, NFEs, seed, seconds per slice, where the noise level came from (``noise_std_source``),
+how ``M~`` was drawn (``further_mask``) and the units (``prepared``: the prepared data's normalised units;
+``raw``: multiplied back by each slice's norm). Also a NIfTI magnitude volume
 and a PNG preview per input. Finished slices are kept under ``OUT/.partial/`` so an interrupted run
 resumes where it stopped; the ``.h5`` appears (atomically) only when every slice is done.
 """
@@ -32,7 +34,12 @@ import numpy as np
 from .errors import AmbientMRIError, ConfigError, DataError
 from .fsutil import atomic_h5, atomic_path, claim
 
-MODEL_METHODS = ("adps", "aos", "fsdps", "dc")
+MODEL_METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise")
+ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with an oracle checkpoint; adps / adps-noise refuse one
+NOISE_AWARE = ("dc", "adps-noise", "fsdps-noise")  # samplers that weight the data by the noise level
+# how M~ is drawn by default: inside the test mask for our DC sampler (+0.7 dB at R 4, +0.8 dB at R 8 on the
+# demo validation split, docs/recon.md), independently of it for A-DPS (as published)
+DEFAULT_FURTHER = {"dc": "within"}
 CLASSICAL = ("zf", "sense", "l1")
 METHODS = MODEL_METHODS + CLASSICAL
 
@@ -40,7 +47,8 @@ METHODS = MODEL_METHODS + CLASSICAL
 @dataclass
 class Scan:
     """One input volume, normalised: ``y`` ``(S, C, H, W)`` (or ``(S, H, W)`` image domain), ``maps`` or None,
-    ``mask`` ``(S, 1|H, W)``, ``norm`` ``(S,)``, ``slice_index``, ``units``, ``attrs``."""
+    ``mask`` ``(S, 1|H, W)``, ``norm`` ``(S,)``, ``slice_index``, ``units``, ``attrs``, ``noise_std`` ``(S,)`` or None
+    (complex noise std of one k-space sample of one coil in these units, ``E|n|^2 = noise_std^2``; NaN = unknown)."""
 
     path: Path
     y: np.ndarray
@@ -50,6 +58,7 @@ class Scan:
     slice_index: np.ndarray
     units: str
     attrs: dict = field(default_factory=dict)
+    noise_std: np.ndarray | None = None
 
     @property
     def shape(self):
@@ -89,6 +98,7 @@ def load_prepared(path: Path) -> Scan:
             mask = f["mask"][()]
             norm = f["norm"][()] if "norm" in f else np.ones(y.shape[0], np.float32)
             idx = f["slice_index"][()] if "slice_index" in f else np.arange(y.shape[0])
+            noise = f["noise_std"][()] if "noise_std" in f else None
     except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
         raise DataError(f"cannot read the prepared file ({' '.join(str(e).split())[:120]})", path) from None
     rank = 3 if image else 4
@@ -108,7 +118,20 @@ def load_prepared(path: Path) -> Scan:
     for name, a in (("kspace" if not image else "image", y), ("maps", maps), ("norm", norm)):
         if a is not None and not np.isfinite(a).all():
             raise DataError(f"{name!r} holds NaN or Inf", path)
-    return Scan(path, y, maps, mask, norm, idx, "prepared", attrs)
+    return Scan(path, y, maps, mask, norm, idx, "prepared", attrs, check_noise_std(noise, S, path))
+
+
+def check_noise_std(noise, S: int, path) -> np.ndarray | None:
+    """``noise_std`` of a prepared file as float64 ``(S,)`` (NaN = unknown), or a one-line DataError."""
+    if noise is None:
+        return None
+    a = np.asarray(noise)
+    if a.shape != (S,) or a.dtype.kind not in "fiu":
+        raise DataError(f"'noise_std' must be real with one value per slice ({S}), got {a.dtype} {a.shape}", path)
+    a = a.astype(np.float64)
+    if np.isinf(a).any() or (a < 0).any():
+        raise DataError("'noise_std' holds a negative or infinite value (NaN marks an unknown level)", path)
+    return a
 
 
 def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, crop, whiten=None, echo=None) -> Scan:
@@ -128,8 +151,10 @@ def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, c
     note = whitening_note(attrs["whitened"], json.loads(attrs["warnings"]))
     if note and echo is not None:
         echo(f"note: {path}: {note}")
+    noise = arrays.get("noise_std")
     return Scan(path, arrays["kspace"], arrays["maps"], arrays["mask"], np.asarray(arrays["norm"]),
-                arrays["slice_index"], "raw", attrs)
+                arrays["slice_index"], "raw", attrs,
+                None if noise is None else check_noise_std(noise, arrays["kspace"].shape[0], path))
 
 
 def kspace_crop(scan: Scan, shape: tuple[int, int]) -> Scan:
@@ -152,8 +177,46 @@ def kspace_crop(scan: Scan, shape: tuple[int, int]) -> Scan:
         maps = maps.astype(np.complex64)
     # orthonormal FFT: the image of a cropped k-space is sqrt(h w / H W) times as bright
     scale = math.sqrt(H * W / (h * w))
+    noise = None if scan.noise_std is None else scan.noise_std * scale  # per-sample noise scales with the data
     return Scan(scan.path, (y * scale).astype(np.complex64), maps, mask, scan.norm / scale, scan.slice_index,
-                scan.units, dict(scan.attrs, kspace_crop=f"{H}x{W}->{h}x{w}"))
+                scan.units, dict(scan.attrs, kspace_crop=f"{H}x{W}->{h}x{w}"), noise)
+
+
+def estimate_noise_std(y: np.ndarray, mask: np.ndarray, *, outer: float = 0.1) -> float:
+    """Fallback noise level of one slice ``y (C, H, W)`` with ``mask (1|H, W)``: ``sqrt(median |y|^2 / ln 2)``
+    over the measured samples in the outermost ``outer`` fraction (by normalised k-space radius).
+
+    For pure complex Gaussian noise ``|n|^2`` is exponential with mean ``s^2`` and median ``s^2 ln 2``;
+    any signal left at the edge of k-space only raises the estimate, so this errs towards trusting the data
+    less (a smoother, less noisy reconstruction), never towards fitting noise."""
+    C, H, W = y.shape
+    m = np.broadcast_to(np.asarray(mask) > 0, (H, W))
+    ky = (np.arange(H) - H // 2) / (H / 2)
+    kx = (np.arange(W) - W // 2) / (W / 2)
+    r = np.hypot(ky[:, None], kx[None, :])
+    sel = m & (r >= np.quantile(r[m], 1 - outer))
+    return float(np.sqrt(np.median(np.abs(y[:, sel]) ** 2) / math.log(2)))
+
+
+def resolve_noise(scan: Scan, override: float | None) -> tuple[np.ndarray, str]:
+    """Per-slice noise std ``(S,)`` for the noise-aware samplers and where it came from: ``flag``
+    (``--noise-std``), ``file`` (the prepared ``noise_std``), ``estimated`` (:func:`estimate_noise_std`, for
+    slices whose level is unknown), ``assumed 0`` (image-domain data: no k-space noise model), or a mix."""
+    S = scan.y.shape[0]
+    if override is not None:
+        return np.full(S, float(override)), "flag"
+    if scan.maps is None:
+        return np.zeros(S), "assumed 0 (image domain)"
+    known = np.full(S, np.nan) if scan.noise_std is None else scan.noise_std
+    out, sources = known.copy(), set()
+    for s in range(S):
+        if np.isfinite(out[s]):
+            sources.add("file")
+        else:
+            mask = scan.mask[s] if scan.mask.ndim == 3 else scan.mask
+            out[s] = estimate_noise_std(scan.y[s], mask)
+            sources.add("estimated")
+    return out, " + ".join(sorted(sources))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -174,19 +237,23 @@ class Reconstructor:
     sampler_kwargs: dict = field(default_factory=dict)
     sense_iters: int = 30
     l1_iters: int = 100
+    further: str = "independent"
 
     def nfe(self) -> int:
         from .sampling import nfe
 
         if self.method in CLASSICAL:
             return 0
-        return nfe("adps" if self.method == "fsdps" else self.method, self.steps or self.default_steps())
+        return nfe(self.method, self.steps or self.default_steps())
 
     def default_steps(self) -> int:
-        return {"adps": 500, "fsdps": 500, "aos": 1, "dc": 25}.get(self.method, 0)
+        from .sampling import DEFAULT_STEPS
 
-    def __call__(self, y, maps, mask, first_index: int):
-        """``y`` batch (numpy) -> (mean complex ``(B, H, W)``, std or None, data consistency ``(B,)``)."""
+        return DEFAULT_STEPS.get(self.method, 0)
+
+    def __call__(self, y, maps, mask, first_index: int, noise_std=None):
+        """``y`` batch (numpy) -> (mean complex ``(B, H, W)``, std or None, data consistency ``(B,)``);
+        ``noise_std (B,)`` goes to the noise-aware samplers."""
         import torch
 
         from . import baselines
@@ -199,10 +266,12 @@ class Reconstructor:
         st = None if maps is None else torch.from_numpy(np.ascontiguousarray(maps)).to(dev)
         std = None
         if self.method in MODEL_METHODS:
-            method = "adps" if self.method == "fsdps" else self.method
+            method = {"fsdps": "adps", "fsdps-noise": "adps-noise"}.get(self.method, self.method)
+            noise = None if noise_std is None or self.method not in NOISE_AWARE else \
+                torch.as_tensor(np.asarray(noise_std, dtype=np.float32), device=dev)
             post = posterior(method, self.denoiser, self.meta["training"], yt, st, mt, samples=self.samples,
                              seed=self.seed + first_index, steps=self.steps or self.default_steps(),
-                             **self.sampler_kwargs)
+                             noise_std=noise, further=self.further, **self.sampler_kwargs)
             mean = post.mean
             std = post.std if self.samples > 1 else None
         elif maps is None:
@@ -234,6 +303,7 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
     final = out / f"{scan.path.stem}.h5"
     if final.exists():
         return None
+    noise, noise_source = resolve_noise(scan, options.get("noise_std"))
     part = _partial_dir(out, scan.path.stem)
     # finished slices are reused only by a run with the same options and batch (the batch fixes the seeds)
     stamp = json.dumps(dict({k: v for k, v in options.items() if k != "shard"}, batch=batch), sort_keys=True,
@@ -255,7 +325,7 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
         t0 = time.perf_counter()
         maps = None if scan.maps is None else scan.maps[idx]
         mask = scan.mask[idx] if scan.mask.ndim == 3 else scan.mask
-        mean, std, dc = rec(scan.y[idx], maps, mask, first_index=int(scan.slice_index[idx[0]]))
+        mean, std, dc = rec(scan.y[idx], maps, mask, first_index=int(scan.slice_index[idx[0]]), noise_std=noise[idx])
         sec = (time.perf_counter() - t0) / len(idx)
         for j, s in enumerate(idx):
             if s in done:
@@ -285,6 +355,11 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
         attrs["lam"] = rec.lam
     if scan.attrs.get("whitened") is not None:  # per-slice prewhitening of the input (prepared or raw)
         attrs["whitened"] = np.asarray(scan.attrs["whitened"], dtype=bool)
+    noise_used = rec.method in NOISE_AWARE
+    attrs["noise_std_source"] = noise_source if noise_used else "not used (the method ignores the noise level)"
+    if rec.method in MODEL_METHODS and rec.method != "aos":
+        clean = rec.meta["training"]["corruption"].get("domain", "kspace") == "clean"
+        attrs["further_mask"] = "none (the model sees clean images)" if clean else rec.further
     if nifti:  # the by-products first: the .h5, written last, marks the file as finished
         write_nifti(out / f"{scan.path.stem}.nii.gz", np.abs(mean))
     if png:
@@ -296,6 +371,8 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
             f["std"] = std
         f["data_consistency"] = dc.astype(np.float32)
         f["slice_index"] = scan.slice_index
+        if noise_used:
+            f["noise_std"] = (noise * (scan.norm if scan.units == "raw" else 1.0)).astype(np.float32)
         f.attrs.update({k: v for k, v in attrs.items() if v is not None})
     shutil.rmtree(part, ignore_errors=True)
     return final
@@ -374,7 +451,8 @@ def tune_lambda(val_dir: Path, slices: int, l1_iters: int, candidates=None) -> d
 def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, seed=0, accel=None, mask_type="adps",
               center_lines=None, batch=8, device="auto", lam=None, tune_on=None, tune_slices=8, step_size=None,
               cg_iters=None, churn=None, shard=None, label=None, matrix="refuse", maps_method="espirit",
-              sense_iters=30, l1_iters=100, nifti=True, png=True, ema=True, quiet=False, whiten=None) -> list[Path]:
+              sense_iters=30, l1_iters=100, nifti=True, png=True, ema=True, quiet=False, whiten=None, noise_std=None,
+              further=None) -> list[Path]:
     """Reconstruct every input file; returns the written outputs (skipping finished ones). ``whiten``
     applies to raw inputs only (``True``/``False``/``None`` = automatic, as ``prep --whiten``)."""
     import torch
@@ -386,6 +464,13 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         raise ConfigError("--samples and --batch must be >= 1")
     if accel is not None and not accel >= 1:
         raise ConfigError(f"--accel must be >= 1 (got {accel})")
+    if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
+        raise ConfigError(f"--noise-std must be a finite number >= 0 (got {noise_std})")
+    from .sampling import FURTHER
+
+    further = further or DEFAULT_FURTHER.get(method, "independent")
+    if further not in FURTHER:
+        raise ConfigError(f"--further-mask must be one of {', '.join(FURTHER)} (got {further!r})")
     i_shard, n_shard = parse_shard(shard)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -399,10 +484,12 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         for p in denoiser.parameters():
             p.requires_grad_(False)
         kind = meta["training"].get("kind", "")
-        if method == "fsdps" and kind != "oracle":
-            raise ConfigError(f"--method fsdps needs an oracle (FS-EDM) checkpoint; this one is {kind!r}", checkpoint)
-        if method == "adps" and kind == "oracle":
-            raise ConfigError("this is an oracle checkpoint: use --method fsdps", checkpoint)
+        if method in ORACLE_METHODS and kind != "oracle":
+            raise ConfigError(f"--method {method} needs an oracle (FS-EDM) checkpoint; this one is {kind!r}",
+                              checkpoint)
+        if method in ("adps", "adps-noise") and kind == "oracle":
+            raise ConfigError(f"this is an oracle checkpoint: use --method {method.replace('adps', 'fsdps')}",
+                              checkpoint)
     elif method == "l1" and lam is None and tune_on is None:
         raise ConfigError("--method l1 needs --lam or --tune-on VAL_PREPARED (a validation split, never the test data)")
     lam_record = None
@@ -416,11 +503,17 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         kwargs["cg_iters"] = cg_iters
     if churn is not None:
         kwargs["churn"] = churn
-    allowed = {"adps": {"step_size"}, "fsdps": {"step_size"}, "dc": {"cg_iters", "churn"}}.get(method, set())
+    allowed = {"adps": {"step_size"}, "fsdps": {"step_size"}, "adps-noise": {"step_size"},
+               "fsdps-noise": {"step_size"}, "dc": {"cg_iters", "churn"}}.get(method, set())
     unused = set(kwargs) - allowed
     if unused:
         raise ConfigError(f"--{', --'.join(sorted(k.replace('_', '-') for k in unused))} not used by --method {method}")
-    rec = Reconstructor(method, denoiser, meta, steps, samples, seed, device, lam, kwargs, sense_iters, l1_iters)
+    if noise_std is not None and method not in NOISE_AWARE:
+        raise ConfigError(f"--noise-std is not used by --method {method} (noise-aware: {', '.join(NOISE_AWARE)})")
+    if further != DEFAULT_FURTHER.get(method, "independent") and method not in ("adps", "adps-noise", "dc"):
+        raise ConfigError(f"--further-mask is not used by --method {method} (only adps, adps-noise and dc)")
+    rec = Reconstructor(method, denoiser, meta, steps, samples, seed, device, lam, kwargs, sense_iters, l1_iters,
+                        further)
     files = list_inputs(Path(inputs))[i_shard::n_shard]
     out = Path(out)
     if out.resolve() in {p.parent.resolve() for p in files}:
@@ -430,7 +523,8 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     make_dir(out)
     options = {"method": method, "checkpoint": str(checkpoint) if checkpoint else None, "steps": rec.steps or rec.default_steps(),
                "samples": samples, "seed": seed, "accel": accel, "mask_type": mask_type, "lam": lam,
-               "lam_choice": lam_record, "sampler": kwargs, "matrix": matrix, "shard": shard, "whiten": whiten}
+               "lam_choice": lam_record, "sampler": kwargs, "matrix": matrix, "shard": shard, "whiten": whiten,
+               "noise_std": noise_std, "further_mask": further}
     written, failed = [], []
     label = label or method
     for p in files:
@@ -495,8 +589,10 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
               help="A prepared val/test folder or file, or raw fastMRI-layout .h5 file(s) (folder or file).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (one .h5 per input).")
 @click.option("--method", required=True, type=click.Choice(METHODS),
-              help="adps: A-DPS (ambient model); fsdps: DPS with an oracle model; aos: one-step; dc: our fast "
-                   "Heun sampler with CG data consistency; zf: zero-filled A^H y; sense: CG-SENSE; l1: L1-wavelet.")
+              help="adps: A-DPS as published (ambient model); fsdps: DPS with an oracle model; adps-noise / "
+                   "fsdps-noise: the same with the likelihood step sized by the noise level; aos: one-step; dc: our "
+                   "fast Heun sampler with noise-weighted CG data consistency; zf: zero-filled A^H y; sense: "
+                   "CG-SENSE; l1: L1-wavelet.")
 @click.option("--checkpoint", type=click.Path(exists=True), help="Checkpoint (or run folder) for model methods.")
 @click.option("--steps", type=int, help="Sampler steps (default: 500 adps/fsdps, 25 dc).")
 @click.option("--samples", default=1, show_default=True, help="Posterior samples per scan (mean and std are saved).")
@@ -515,6 +611,14 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
 @click.option("--step-size", type=float, help="A-DPS/FS-DPS normalised step l (published: 1).")
 @click.option("--cg-iters", type=int, help="dc: CG iterations per evaluation (default 5).")
 @click.option("--churn", type=float, help="dc: EDM stochastic churn (default 0: deterministic given the seed).")
+@click.option("--noise-std", type=float,
+              help="Noise std of one k-space sample of one coil in prepared units (E|n|^2 = s^2) for dc, adps-noise "
+                   "and fsdps-noise. Default: the prepared file's noise_std; where unknown, estimated from the "
+                   "outermost measured k-space samples (recorded as noise_std_source).")
+@click.option("--further-mask", "further", default=None, type=click.Choice(("independent", "within")),
+              help="adps, adps-noise, dc with an ambient model: draw M~ from the training distribution independently "
+                   "of the test mask (published A-DPS; default for adps, adps-noise), or inside the test mask (the "
+                   "training rule applied to it; default for dc).")
 @click.option("--shard", help="i/n: reconstruct every n-th input starting at i (run n processes; outputs merge "
                               "into the same --out folder).")
 @click.option("--label", help="Name of this run in 'ambient-mri eval' tables (default: the method).")
@@ -534,8 +638,8 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights of the checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-file lines.")
 def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_type, center_lines, batch, device,
-            lam, tune_on, tune_slices, step_size, cg_iters, churn, shard, label, matrix, maps_method, sense_iters,
-            l1_iters, nifti, png, ema, quiet, whiten):
+            lam, tune_on, tune_slices, step_size, cg_iters, churn, noise_std, further, shard, label, matrix,
+            maps_method, sense_iters, l1_iters, nifti, png, ema, quiet, whiten):
     """Reconstruct undersampled scans; writes fastMRI-layout reconstructions (mean, std over samples, data
     consistency), NIfTI volumes and PNG previews. Resumable per slice; --shard splits a folder over
     processes or GPUs."""
@@ -544,6 +648,6 @@ def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_t
                         lam=lam, tune_on=tune_on, tune_slices=tune_slices, step_size=step_size, cg_iters=cg_iters,
                         churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
                         sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema, quiet=quiet,
-                        whiten=whiten)
+                        whiten=whiten, noise_std=noise_std, further=further)
     if not quiet:
         click.echo(f"wrote {len(written)} reconstruction(s) to {out}")

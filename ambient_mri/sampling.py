@@ -5,7 +5,10 @@ followed by ``sigma_N = 0``; a denoiser ``D(x_in; sigma, M~)`` (``networks.EDMDe
 *view* of an iterate, ``x_in = view(x)``: ``A~^H A~ x = S^H F^-1 M~ F S x`` for k-space ambient models
 (``M~`` drawn once from the training further-mask distribution and held fixed, independent of the test
 mask), ``M~ * x`` for image-domain ambient models, ``x`` itself for oracle/naive models.
-Measurements ``y`` ``(B, C, H, W)`` with test operator ``A = M F S`` (``operators.SenseOp``).
+Measurements ``y = A x0 + n`` ``(B, C, H, W)`` with test operator ``A = M F S`` (``operators.SenseOp``) and
+complex measurement noise ``E|n|^2 = s^2`` per k-space sample and coil (``noise_std = s``, prepared units).
+Noise convention of the diffusion: ``x_sigma = x0 + sigma eta`` with real and imaginary parts of ``eta``
+standard normal (``E|eta|^2 = 2``), as in EDM with two real channels.
 All samplers take a ``torch.Generator`` so one seed gives one posterior sample per batch item.
 """
 
@@ -16,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .masks import draw_training_further_masks
+from .masks import draw_training_further_masks, further_masks_within
 from .operators import InpaintOp, SenseOp, conjugate_gradient
 
-METHODS = ("adps", "aos", "fsdps", "dc")
+METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise")
+FURTHER = ("independent", "within")  # how M~ is drawn: from the training distribution, or inside the test mask
 
 
 def edm_sigmas(steps: int, sigma_min: float, sigma_max: float, rho: float = 7.0, device=None) -> torch.Tensor:
@@ -55,15 +59,23 @@ class View:
         return x if self.op is None else self.op.normal(x)
 
 
-def model_view(meta: dict, batch: int, *, shape, maps=None, seed: int = 0, device=None) -> View:
-    """Draw the fixed further mask for ``batch`` chains from the checkpoint's training distribution
-    (``meta["corruption"]``, drawn at the test matrix ``shape``) and build the view."""
+def model_view(meta: dict, batch: int, *, shape, maps=None, seed: int = 0, device=None, within=None) -> View:
+    """Draw the fixed further mask for ``batch`` chains and build the view.
+
+    ``within=None`` (published A-DPS): ``M~`` from the checkpoint's training distribution
+    (``meta["corruption"]``, drawn at the test matrix ``shape``), independent of the test mask.
+    ``within=M_test``: the training further-corruption rule applied to the test mask
+    (``masks.further_masks_within``), so ``M~ <= M_test``. ``maps (batch, C, H, W)``: the coil maps of the
+    k-space view ``S^H F^-1 M~ F S``; None means single-coil (``S = 1``)."""
     corruption = dict(meta["corruption"], shape=list(shape))
     domain = corruption.get("domain", "kspace")
     if domain == "clean":
         return View("clean")
-    fm = draw_training_further_masks(corruption, batch, seed=seed).to(device)
-    return View(domain, fm, maps)
+    if within is None:
+        fm = draw_training_further_masks(corruption, batch, seed=seed)
+    else:
+        fm = further_masks_within(within, corruption, batch, seed=seed)
+    return View(domain, fm.to(device), maps)
 
 
 def make_operator(y: torch.Tensor, maps: torch.Tensor | None, mask) -> SenseOp | InpaintOp:
@@ -78,6 +90,24 @@ def denoise(denoiser, view: View, x: torch.Tensor, sigma) -> torch.Tensor:
     """``D(view(x); sigma, M~)``."""
     s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(x.shape[0])
     return denoiser(view(x), s, view.mask)
+
+
+def error_variance(sigma, sigma_data: float = 0.5) -> torch.Tensor:
+    """``v_t = E|x0 - D(x_t)|^2`` per complex pixel, for an isotropic prior of per-channel variance
+    ``sigma_data^2`` (EDM's preconditioning assumption): ``v_t = 2 sigma^2 sd^2 / (sigma^2 + sd^2)``
+    (-> ``2 sigma^2`` at low noise, the prior variance ``2 sd^2`` at high noise). A scalar stand-in for
+    the denoiser's error covariance ``sigma^2 dD/dx_t`` (Tweedie), which would cost a Jacobian per step."""
+    s2 = torch.as_tensor(sigma, dtype=torch.float64) ** 2
+    return 2 * s2 * sigma_data**2 / (s2 + sigma_data**2)
+
+
+def noise_variance(noise_std, batch: int, device) -> torch.Tensor:
+    """``s^2`` as ``(batch, 1, 1)`` float32 from a float or a ``(batch,)`` tensor; a NaN is an error here
+    (callers resolve unknown noise first, ``recon.resolve_noise``)."""
+    s = torch.as_tensor(noise_std, dtype=torch.float32, device=device).reshape(-1)
+    if not torch.isfinite(s).all() or (s < 0).any():
+        raise ValueError(f"noise_std must be finite and >= 0 (got {s.tolist()[:4]})")
+    return s.expand(batch).reshape(batch, 1, 1) ** 2
 
 
 @torch.no_grad()
@@ -127,6 +157,39 @@ def adps(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int = 500,
     return last.detach()
 
 
+def dps_noise_aware(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, noise_std, steps: int = 500,
+                    sigma_min: float = 0.004, sigma_max: float = 10.0, rho: float = 7.0, step_size: float = 1.0,
+                    generator=None) -> torch.Tensor:
+    """Noise-aware DPS (ours; FS-DPS / A-DPS with the likelihood step sized by the noise, not normalised).
+
+    The conditional probability-flow ODE ``dx/dsigma = (x - D)/sigma - sigma grad_x log p(y | x_sigma)``
+    with DPS's Gaussian approximation ``p(y | x_sigma) ~ CN(A D, (s^2 + v_t) I)`` (``v_t``:
+    :func:`error_variance`, ``s``: ``noise_std``), one Euler step per ``sigma_i``:
+
+    ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) (x_i - D) / sigma_i
+               - l (sigma_i - sigma_{i+1}) sigma_i / (s^2 + v_t) grad_{x_i} ||y - A D||^2``,
+
+    ``D = D(view(x_i); sigma_i)``, gradient through the network; ``l = step_size`` (1 = the ODE itself).
+    Unlike the published normalised step ``l / ||r||``, the data weight stays bounded by ``1 / s^2`` as
+    ``sigma -> 0``, so the chain does not fit the measurement noise. Returns the last denoised estimate.
+    """
+    t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
+    x = _randn_complex(A.adjoint(y).shape, generator, y.device) * t[0]
+    s2 = noise_variance(noise_std, x.shape[0], y.device)
+    sd = float(getattr(denoiser, "sigma_data", 0.5))
+    for i in range(steps):
+        s, s_next = t[i], t[i + 1]
+        x = x.detach().requires_grad_(True)
+        D = denoise(denoiser, view, x, s)
+        r = y - A.forward(D)
+        (grad,) = torch.autograd.grad(r.abs().pow(2).sum(), x)
+        with torch.no_grad():
+            w = step_size * float(s - s_next) * float(s) / (s2 + float(error_variance(s, sd)))
+            x = x + (s_next - s) * (x - D) / s - w * grad
+            last = D
+    return last.detach()
+
+
 @torch.no_grad()
 def aos(denoiser, y: torch.Tensor, A: SenseOp, *, domain: str = "kspace", sigma: float = 0.003) -> torch.Tensor:
     """A-OS, one step: ``x = D(A^H y; sigma = 0.003)`` conditioned on the TEST mask (in distribution only
@@ -138,26 +201,78 @@ def aos(denoiser, y: torch.Tensor, A: SenseOp, *, domain: str = "kspace", sigma:
     return denoiser(x_in, s, mask if domain != "clean" else None)
 
 
+def measured_counts(A) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, tr(A^H A))`` per batch item, ``(B, 1, 1)``: the number of measured entries (coils x samples)
+    and the trace of the normal operator (``sum_pixels sum_c |S_c|^2 x count(M) / (H W)`` for SENSE: the
+    diagonal of ``F^H M F`` is ``count(M) / (H W)``; ``count(M)`` for inpainting)."""
+    if isinstance(A, SenseOp):
+        H, W = A.maps.shape[-2:]
+        count = A.mask.expand(A.mask.shape[0], 1, H, W).flatten(1).sum(1)
+        C = A.maps.shape[1]
+        tr = A.maps.abs().pow(2).flatten(1).sum(1) * count / (H * W)
+        return (C * count).reshape(-1, 1, 1), tr.reshape(-1, 1, 1)
+    count = A.mask.flatten(1).sum(1).reshape(-1, 1, 1)
+    return count, count
+
+
+def residual_error_variance(r: torch.Tensor, A, noise_var: torch.Tensor, floor) -> torch.Tensor:
+    """Moment estimate of the denoiser's error variance per complex pixel from the data residual
+    ``r = y - A D = A (x0 - D) + n``: ``E||r||^2 = tr(A C_t A^H) + m s^2``, so with ``C_t = v I``
+    ``v = (||r||^2 - m s^2) / tr(A^H A)``, at least ``floor`` (the ideal denoiser's :func:`error_variance`).
+    Unlike the formula it sees an imperfect network, and an ambient denoiser's error that does not vanish
+    as ``sigma -> 0`` (it saw only ``M~``). ``(B, 1, 1)``."""
+    m, tr = measured_counts(A)
+    r2 = r.abs().pow(2).flatten(1).sum(1).reshape(-1, 1, 1)
+    return ((r2 - m * noise_var) / tr.clamp_min(1e-12)).clamp_min(float(floor))
+
+
+def dc_weight(sigma, noise_var: torch.Tensor | None, sigma_data: float = 0.5, error_var=None):
+    """The prior's weight ``mu`` in ``D_dc = argmin ||A v - y||^2 + mu ||v - D||^2``.
+
+    Noise-aware (``noise_var = s^2``, ``(B, 1, 1)``): the MAP step for ``y ~ CN(A v, s^2 I)`` and
+    ``v ~ CN(D, v_t I)``, ``argmin ||A v - y||^2 / s^2 + ||v - D||^2 / v_t``, i.e. ``mu = s^2 / v_t``
+    (``v_t = error_var`` if given, else :func:`error_variance` at ``sigma``): the data never count more than
+    the noise allows, and at low ``sigma`` the prior's estimate dominates. ``noise_var=None``: the legacy
+    schedule ``mu = sigma^2`` (noise ignored; the data are fitted exactly as ``sigma -> 0``)."""
+    if noise_var is None:
+        return float(sigma) ** 2
+    v = error_variance(sigma, sigma_data) if error_var is None else error_var
+    return (noise_var / v).float()
+
+
 def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int = 25, sigma_min: float = 0.004,
                sigma_max: float = 10.0, rho: float = 7.0, cg_iters: int = 5, lam: float | None = None,
-               churn: float = 0.0, heun: bool = True, generator=None) -> torch.Tensor:
+               noise_std=None, error_var: str = "residual", churn: float = 0.0, heun: bool = True,
+               generator=None) -> torch.Tensor:
     """Ours: EDM Heun with data consistency by a few CG steps instead of back-propagation (DDS-style).
 
-    Each evaluation replaces the denoised estimate ``D`` by ``D_dc = argmin ||A v - y||^2 + lam ||v - D||^2``,
-    approximately (``cg_iters`` CG steps started at ``D``; ``lam`` defaults to ``sigma_i^2``, so data
-    dominate at low noise), then takes the Heun step with ``d = (x - D_dc) / sigma``. ``churn`` > 0 adds
-    EDM's stochastic noise injection. No gradients through the network; ``2 steps - 1`` network evaluations
-    with Heun. Returns the final data-consistent estimate.
+    Each evaluation replaces the denoised estimate ``D`` by ``D_dc = argmin ||A v - y||^2 + mu ||v - D||^2``,
+    approximately (``cg_iters`` CG steps started at ``D``), then takes the Heun step with
+    ``d = (x - D_dc) / sigma``. ``mu``: ``lam`` if given (fixed), else :func:`dc_weight` — ``s^2 / v_t``
+    with ``noise_std = s`` (a float or ``(B,)``; 0 = exact projection) and ``v_t`` from ``error_var``:
+    ``residual`` (:func:`residual_error_variance`, default) or ``ideal`` (:func:`error_variance`); or the
+    legacy ``sigma_i^2`` when ``noise_std`` is None. ``churn`` > 0 adds EDM's stochastic noise injection.
+    No gradients through the network; ``2 steps - 1`` network evaluations with Heun. Returns the final
+    data-consistent estimate.
     """
     t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
     rhs0 = A.adjoint(y)
+    y_meas = A.mask * y  # raw test files may hold values off the mask
+    s2 = None if noise_std is None else noise_variance(noise_std, rhs0.shape[0], y.device)
+    sd = float(getattr(denoiser, "sigma_data", 0.5))
 
     def D_dc(x, s):
         D = denoise(denoiser, view, x, s)
         if cg_iters <= 0:
             return D
-        mu = float(s) ** 2 if lam is None else lam
-        return conjugate_gradient(A.normal, rhs0 + mu * D, x0=D, lam=mu, iters=cg_iters)
+        if lam is not None:
+            mu = lam
+        elif s2 is not None and error_var == "residual":
+            v = residual_error_variance(y_meas - A.forward(D), A, s2, error_variance(s, sd))
+            mu = dc_weight(s, s2, sd, v)
+        else:
+            mu = dc_weight(s, s2, sd)
+        return conjugate_gradient(lambda v: A.normal(v) + mu * v, rhs0 + mu * D, x0=D, iters=cg_iters)
 
     with torch.no_grad():
         x = _randn_complex(rhs0.shape, generator, y.device) * t[0]
@@ -203,20 +318,32 @@ class Posterior:
 
 def nfe(method: str, steps: int) -> int:
     """Network evaluations per sample."""
-    return {"adps": steps, "fsdps": steps, "aos": 1, "dc": 2 * steps - 1}[method]
+    return {"adps": steps, "fsdps": steps, "adps-noise": steps, "fsdps-noise": steps, "aos": 1,
+            "dc": 2 * steps - 1}[method]
+
+
+DEFAULT_STEPS = {"adps": 500, "fsdps": 500, "adps-noise": 500, "fsdps-noise": 500, "aos": 1, "dc": 25}
+NOISE_AWARE = ("dc", "adps-noise", "fsdps-noise")
 
 
 def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Tensor | None, mask, *,
-              samples: int = 1, seed: int = 0, steps: int | None = None, **kwargs) -> Posterior:
-    """Run ``method`` in {adps, fsdps, aos, dc} on a batch of scans, ``K = samples`` chains per scan in one
+              samples: int = 1, seed: int = 0, steps: int | None = None, noise_std=None,
+              further: str = "independent", **kwargs) -> Posterior:
+    """Run ``method`` in :data:`METHODS` on a batch of scans, ``K = samples`` chains per scan in one
     batch (scans repeated K times), one generator seeded by ``seed``.
 
     ``y``: k-space ``(B, C, H, W)`` with ``maps (B, C, H, W)``, or an image-domain measurement ``(B, H, W)``
     with ``maps=None`` (inpainting); ``mask`` broadcasts as in ``operators``. ``fsdps`` is ``adps`` with an
-    oracle model (``meta["corruption"]["domain"] == "clean"``).
+    oracle model (``meta["corruption"]["domain"] == "clean"``); ``adps-noise`` / ``fsdps-noise`` run
+    :func:`dps_noise_aware`. ``noise_std``: ``s`` (float or ``(B,)``) for the noise-aware methods (``dc``,
+    ``*-noise``; ignored by the published ``adps``/``fsdps``/``aos``); ``None`` gives ``dc`` its legacy
+    weight. ``further``: ``independent`` (published: ``M~`` from the training distribution) or ``within``
+    (``M~`` drawn inside the test mask, :func:`model_view`).
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
+    if further not in FURTHER:
+        raise ValueError(f"unknown further-mask rule {further!r} (choose from {', '.join(FURTHER)})")
     K, B = samples, y.shape[0]
     H, W = y.shape[-2:]
     dev = y.device
@@ -227,16 +354,29 @@ def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Te
     if m.ndim == 3 and m.shape[0] == B and B > 1:
         m = m.repeat(K, 1, 1)
     A = make_operator(yk, mk, m)
+    noise_k = None
+    if noise_std is not None and method in NOISE_AWARE:
+        noise_k = torch.as_tensor(noise_std, dtype=torch.float32, device=dev).reshape(-1).expand(B).repeat(K)
     domain = meta["corruption"].get("domain", "kspace")
     g = torch.Generator(device=dev).manual_seed(int(seed))
-    steps = steps or {"adps": 500, "fsdps": 500, "aos": 1, "dc": 25}[method]
+    steps = steps or DEFAULT_STEPS[method]
     t0 = time.perf_counter()
     if method == "aos":
         out = aos(denoiser, yk, A, domain=domain)
     else:
-        view = model_view(meta, B * K, shape=(H, W), maps=mk if domain == "kspace" else None, seed=seed, device=dev)
-        fn = dc_sampler if method == "dc" else adps
-        out = fn(denoiser, view, yk, A, steps=steps, generator=g, **kwargs)
+        within = None
+        if further == "within":
+            within = A.mask[:, 0] if isinstance(A, SenseOp) else A.mask
+        view = model_view(meta, B * K, shape=(H, W), maps=mk if domain == "kspace" else None, seed=seed, device=dev,
+                          within=within)
+        if method == "dc":
+            out = dc_sampler(denoiser, view, yk, A, steps=steps, generator=g, noise_std=noise_k, **kwargs)
+        elif method in ("adps-noise", "fsdps-noise"):
+            if noise_k is None:
+                raise ValueError(f"--method {method} needs noise_std")
+            out = dps_noise_aware(denoiser, view, yk, A, steps=steps, generator=g, noise_std=noise_k, **kwargs)
+        else:
+            out = adps(denoiser, view, yk, A, steps=steps, generator=g, **kwargs)
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return Posterior(out.detach().reshape(K, B, H, W), nfe(method, steps), time.perf_counter() - t0)

@@ -2,7 +2,8 @@
 
 The fixed-mask sampler of the seed paper (``sampling.prior_sample``: EDM Heun, ``d = (x - D(A~^H A~ x;
 sigma)) / sigma`` with one further mask ``M~`` drawn from the *training* distribution and held fixed).
-K-space models sample in single-coil image space with identity maps, ``A~^H A~ x = ifft2c(M~ fft2c(x))``;
+K-space models see the view they were trained on, ``A~^H A~ x = S^H F^-1 M~ F S x``, with the coil maps
+``S`` of one training slice per sample (read from the checkpoint's training data, or ``--maps-from``);
 oracle/naive models get ``M~ = 1``. Outputs in ``--out``: ``samples.png`` (magnitude grid),
 ``samples.npy`` (complex64 ``(N, H, W)``), ``samples.h5`` (samples, further masks, attributes) and
 ``sample.json`` (what was run).
@@ -29,8 +30,50 @@ def prior_sampler():
     return prior_sample, View
 
 
+def training_maps(data_root, n: int, *, shape=None, seed: int = 0) -> tuple:
+    """Coil maps of ``n`` training slices drawn at random (seeded) from the prepared files in ``data_root``:
+    ``(maps (n, C, H, W) complex64, [(file name, slice), ...])``. A missing folder, no readable ``maps``,
+    or maps of another matrix than ``shape`` raise a one-line :class:`AmbientMRIError`."""
+    import h5py
+    import numpy as np
+    import torch
+
+    root = Path(data_root)
+    files = sorted(p for p in root.glob("*.h5") if not p.name.startswith(".")) if root.is_dir() else []
+    counts = []
+    for p in files:
+        try:
+            with h5py.File(p, "r") as f:
+                if "maps" in f and f["maps"].ndim == 4:
+                    counts.append((p, f["maps"].shape[0], f["maps"].shape))
+        except (OSError, RuntimeError, KeyError, ValueError):
+            continue
+    if not counts:
+        raise AmbientMRIError(f"{root}: no prepared files with coil maps (the prior sampler of a k-space model needs "
+                              "the training maps: give --maps-from PREPARED_TRAIN_DIR)")
+    if shape is not None and tuple(counts[0][2][-2:]) != tuple(shape):
+        raise AmbientMRIError(f"{counts[0][0]}: coil maps are {tuple(counts[0][2][-2:])}, the model's matrix is "
+                              f"{tuple(shape)}")
+    index = [(p, s) for p, S, _ in counts for s in range(S)]
+    pick = np.random.default_rng(int(seed)).integers(0, len(index), size=n)
+    out, names = [], []
+    for i in pick:
+        p, s = index[int(i)]
+        with h5py.File(p, "r") as f:
+            m = f["maps"][s]
+        if m.shape != counts[0][2][1:]:
+            raise AmbientMRIError(f"{p}: coil maps of shape {m.shape} differ from {counts[0][2][1:]} in "
+                                  f"{counts[0][0].name}")
+        out.append(m)
+        names.append((p.name, s))
+    maps = torch.from_numpy(np.stack(out).astype(np.complex64))
+    if not torch.isfinite(torch.view_as_real(maps)).all():
+        raise AmbientMRIError(f"{root}: coil maps hold NaN or Inf")
+    return maps, names
+
+
 def draw_prior_samples(denoiser, corruption: dict, n: int, *, steps: int = 18, seed: int = 0, batch: int | None = None,
-                       device="cpu", progress: bool = False):
+                       device="cpu", progress: bool = False, maps=None):
     """``n`` prior samples ``(n, H, W)`` complex64 (CPU) and the further masks they used (``(n, h, W)`` bool;
     all ones for oracle/naive models).
 
@@ -38,8 +81,12 @@ def draw_prior_samples(denoiser, corruption: dict, n: int, *, steps: int = 18, s
     over the steps; the noise comes from one ``torch.Generator(device)`` seeded with ``seed`` and consumed
     batch after batch (so the samples depend on ``batch``). Per batch of ``b`` samples this calls
     ``sampling.prior_sample(denoiser, View(domain, M~[i:i+b]), (b, H, W), steps=steps, generator=g, device=device)``
-    with ``domain`` = ``corruption["domain"]`` (``kspace``: single-coil image space, identity maps;
-    ``image``; ``clean``: ``View("clean")``).
+    with ``domain`` = ``corruption["domain"]`` (``kspace``: ``View("kspace", M~, maps[i:i+b])``, the view
+    ``S^H F^-1 M~ F S x`` a k-space model was trained on; ``image``; ``clean``: ``View("clean")``).
+
+    ``maps``: ``(n, C, H, W)`` coil maps for a k-space model (:func:`training_maps`). ``None`` means
+    single-coil identity maps, correct only for a model trained on single-coil data (the ``sample``
+    command always passes the training maps).
     """
     import torch
     from tqdm import tqdm
@@ -62,7 +109,8 @@ def draw_prior_samples(denoiser, corruption: dict, n: int, *, steps: int = 18, s
     with torch.no_grad():
         for start in range(0, n, batch):
             m = fmasks[start : start + batch].to(device)
-            view = View("clean") if domain == "clean" else View(domain, m.float())
+            mb = None if maps is None or domain != "kspace" else maps[start : start + batch].to(device)
+            view = View("clean") if domain == "clean" else View(domain, m.float(), mb)
             x = prior_sample(denoiser, view, (len(m), H, W), steps=steps, generator=g, device=device)
             out.append(x.detach().to("cpu", torch.complex64))
             bar.update(len(m))
@@ -140,13 +188,17 @@ def write_outputs(out_dir, samples, fmasks, info: dict) -> dict:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where to run the network.")
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights (default) or the raw ones.")
+@click.option("--maps-from", "maps_from", type=click.Path(exists=True, file_okay=False),
+              help="k-space models: prepared folder whose coil maps the view uses (default: the checkpoint's "
+                   "training data folder).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
-def command(checkpoint, n, out, steps, seed, batch, device, ema, quiet):
+def command(checkpoint, n, out, steps, seed, batch, device, ema, maps_from, quiet):
     """Draw N unconditional samples from a trained prior with the fixed-mask Heun sampler.
 
     One further mask per sample is drawn from the recorded training distribution and held fixed over
-    the steps (k-space models sample in single-coil image space with identity coil maps). Oracle and
-    naive models sample with no mask. Samples are in the normalised units of the training data.
+    the steps; k-space models see S^H F^-1 M~ F S x with the coil maps of a random training slice
+    (--maps-from, default the training data folder). Oracle and naive models sample with no mask.
+    Samples are in the normalised units of the training data.
     """
     import torch
 
@@ -161,13 +213,21 @@ def command(checkpoint, n, out, steps, seed, batch, device, ema, quiet):
     prior_sampler()  # fail fast, before loading anything
     den, meta = load_denoiser(checkpoint, ema=ema, device=dev)
     corruption = meta["training"]["corruption"]
+    maps, maps_info = None, None
+    if corruption.get("domain", "kspace") == "kspace":
+        root = maps_from or (meta["training"].get("data") or {}).get("root")
+        if root is None:
+            raise ConfigError("the checkpoint records no training data folder: give --maps-from PREPARED_TRAIN_DIR")
+        maps, names = training_maps(root, n, shape=corruption["shape"], seed=seed)
+        maps_info = {"from": os.fspath(Path(root).resolve()), "slices": [list(v) for v in names]}
     samples, fmasks = draw_prior_samples(den, corruption, n, steps=steps, seed=seed, batch=batch, device=dev,
-                                         progress=not quiet)
+                                         progress=not quiet, maps=maps)
     if not torch.isfinite(torch.view_as_real(samples)).all():
         raise AmbientMRIError("the sampler produced NaN or Inf (is the checkpoint trained?)", meta["path"])
     info = {"checkpoint": os.fspath(Path(meta["path"]).resolve()), "checkpoint_sha256": file_sha256(meta["path"]),
             "step": meta["step"], "kind": meta["training"].get("kind"), "ema": meta["ema"], "n": n, "steps": steps,
-            "seed": seed, "batch": batch or n, "device": str(dev), "corruption": corruption, "sampler": "fixed-mask Heun"}
+            "seed": seed, "batch": batch or n, "device": str(dev), "corruption": corruption, "sampler": "fixed-mask Heun",
+            "maps": maps_info}
     files = write_outputs(out, samples, fmasks, info)
     label = " (ORACLE model)" if info["kind"] == "oracle" else ""
     click.echo(f"wrote {n} prior samples{label} to {files['png'].parent}: "

@@ -126,3 +126,18 @@ def test_cli_errors_are_one_line(data, tmp_path):
         run_recon(bad, tmp_path / "o2", "zf", quiet=True)
     with pytest.raises(ConfigError, match="not used"):
         run_recon(data / "test", tmp_path / "o3", "zf", step_size=0.5, quiet=True)
+
+
+def test_noise_estimate_from_the_kspace_edge():
+    """The fallback noise level: pure complex noise of known std is recovered (median of |n|^2 = s^2 ln 2);
+    signal at the k-space edge only raises it (conservative)."""
+    from ambient_mri.recon import estimate_noise_std
+
+    rng = np.random.default_rng(0)
+    s = 0.03
+    n = (rng.standard_normal((8, 64, 64)) + 1j * rng.standard_normal((8, 64, 64))) * s / np.sqrt(2)
+    for mask in (np.ones((64, 64), bool), (rng.uniform(size=(1, 64)) < 0.4)):
+        assert abs(estimate_noise_std(n, mask) / s - 1) < 0.1
+    edge = n.copy()
+    edge[:, :4] += 0.5
+    assert estimate_noise_std(edge, np.ones((64, 64), bool)) > s

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ambient_mri.errors import ConfigError
+from ambient_mri.errors import ConfigError, DataError
 from ambient_mri.prep import PrepOptions, run_prep
 from ambient_mri.recon import run_recon
 from ambient_mri.train import train
@@ -49,8 +49,13 @@ def test_model_methods_shapes_seed_and_data_consistency(setup, tmp_path):
         assert arrays["std"].shape == (2, N, N)
         assert attrs["checkpoint_kind"] == "ambient" and attrs["nfe"] == {"dc": 7, "adps": 8, "aos": 1}[method]
         out[method] = arrays
-    # CG data consistency: far closer to the measurements than the zero-filled image
-    assert np.all(out["dc"]["data_consistency"] < 0.5 * zf["data_consistency"])
+    # CG data consistency: with the data declared exact (noise 0) far closer to the measurements than the
+    # zero-filled image; with the (conservative) estimated noise level closer, but it no longer fits the noise
+    run_recon(root / "test", tmp_path / "dc0", "dc", checkpoint=root / "amb", samples=2, steps=4, noise_std=0.0,
+              quiet=True)
+    exact, _ = read(tmp_path / "dc0" / "vol0.h5")
+    assert np.all(exact["data_consistency"] < 0.5 * zf["data_consistency"])
+    assert np.all(out["dc"]["data_consistency"] < zf["data_consistency"])
     assert out["dc"]["std"].mean() > 0
     # the same seed gives the same samples
     run_recon(root / "test", tmp_path / "dc_again", "dc", checkpoint=root / "amb", samples=2, steps=4, quiet=True)
@@ -114,3 +119,49 @@ def test_exported_release_checkpoint_is_smaller_and_equivalent(setup, tmp_path):
         assert ka == kb and torch.equal(va, vb)
     run_recon(root / "test", tmp_path / "r", "aos", checkpoint=dst, quiet=True)
     assert (tmp_path / "r" / "vol0.h5").exists()
+
+
+def test_noise_level_plumbing_and_further_mask_recorded(setup, tmp_path):
+    """``recon`` takes the noise level from the prepared file (per slice; NaN = unknown -> estimated),
+    from ``--noise-std``, or estimates it, and records the level used, its source and how M~ was drawn."""
+    import shutil
+
+    root = setup
+    ck = root / "amb" / "checkpoint.pt"
+    run_recon(root / "test", tmp_path / "est", "dc", checkpoint=ck, steps=2, quiet=True)
+    arrays, attrs = read(tmp_path / "est" / "vol0.h5")
+    assert attrs["noise_std_source"] == "estimated" and attrs["further_mask"] == "within"  # dc's default
+    est = arrays["noise_std"]
+    assert est.shape == (2,) and np.all(est > 0)
+    # a prepared file that knows its noise (second slice unknown)
+    (tmp_path / "known").mkdir()
+    shutil.copy(root / "test" / "vol0.h5", tmp_path / "known" / "vol0.h5")
+    with h5py.File(tmp_path / "known" / "vol0.h5", "a") as f:
+        f["noise_std"] = np.array([0.0123, np.nan], np.float32)
+    run_recon(tmp_path / "known", tmp_path / "file", "dc", checkpoint=ck, steps=2, quiet=True, further="independent")
+    arrays, attrs = read(tmp_path / "file" / "vol0.h5")
+    assert attrs["noise_std_source"] == "estimated + file" and attrs["further_mask"] == "independent"
+    np.testing.assert_allclose(arrays["noise_std"], [0.0123, est[1]], rtol=1e-6)
+    run_recon(root / "test", tmp_path / "flag", "adps-noise", checkpoint=ck, steps=3, noise_std=0.02, quiet=True)
+    arrays, attrs = read(tmp_path / "flag" / "vol0.h5")
+    assert attrs["noise_std_source"] == "flag" and np.allclose(arrays["noise_std"], 0.02)
+    assert attrs["nfe"] == 3 and np.isfinite(arrays["reconstruction"]).all()
+    # the published samplers ignore the noise and say so; the flag is refused where it is not used
+    run_recon(root / "test", tmp_path / "pub", "adps", checkpoint=ck, steps=2, step_size=0.2, quiet=True)
+    arrays, attrs = read(tmp_path / "pub" / "vol0.h5")
+    assert "noise_std" not in arrays and attrs["noise_std_source"].startswith("not used")
+    assert attrs["further_mask"] == "independent"  # the published A-DPS rule
+    with pytest.raises(ConfigError, match="--noise-std is not used"):
+        run_recon(root / "test", tmp_path / "x", "adps", checkpoint=ck, noise_std=0.01, quiet=True)
+    with pytest.raises(ConfigError, match="--further-mask is not used"):
+        run_recon(root / "test", tmp_path / "x", "aos", checkpoint=ck, further="within", quiet=True)
+    with pytest.raises(ConfigError, match="noise-std"):
+        run_recon(root / "test", tmp_path / "x", "dc", checkpoint=ck, noise_std=-1.0, quiet=True)
+    with pytest.raises(ConfigError, match="fsdps-noise"):
+        run_recon(root / "test", tmp_path / "x", "adps-noise", checkpoint=root / "oracle", quiet=True)
+    # a bad noise_std key is a one-line DataError naming the file
+    with h5py.File(tmp_path / "known" / "vol0.h5", "a") as f:
+        del f["noise_std"]
+        f["noise_std"] = np.array([-1.0, 0.1], np.float32)
+    with pytest.raises(DataError, match="noise_std"):
+        run_recon(tmp_path / "known", tmp_path / "bad", "dc", checkpoint=ck, steps=2, quiet=True)

@@ -147,3 +147,78 @@ def test_posterior_inpainting_and_bad_method():
     assert torch.allclose(post.samples[:, :, box] , y[:, box].expand(2, -1, -1), atol=0.05)
     with pytest.raises(ValueError):
         posterior("nonsense", GaussianDenoiser(), meta, y, None, box)
+
+
+def test_prior_sampler_of_a_kspace_model_sees_the_training_coil_maps(tmp_path, monkeypatch):
+    """``sample`` for a multi-coil k-space model: the view is ``S^H F^-1 M~ F S x`` with the maps of training
+    slices (never identity maps); checked against the view computed here with numpy's FFT."""
+    import h5py
+
+    from ambient_mri import sampling, sampling_cli
+    from ambient_mri.errors import AmbientMRIError
+
+    rng = np.random.default_rng(0)
+    C = 3
+    for i in range(2):
+        m = rng.standard_normal((2, C, N, N)) + 1j * rng.standard_normal((2, C, N, N))
+        m /= np.sqrt((np.abs(m) ** 2).sum(1, keepdims=True))
+        with h5py.File(tmp_path / f"t{i}.h5", "w") as f:
+            f["maps"] = m.astype(np.complex64)
+    maps, names = sampling_cli.training_maps(tmp_path, 4, shape=(N, N), seed=1)
+    assert maps.shape == (4, C, N, N) and len(names) == 4
+    again, names2 = sampling_cli.training_maps(tmp_path, 4, shape=(N, N), seed=1)
+    assert names == names2 and torch.equal(maps, again)
+    for (name, s), mp in zip(names, maps):
+        with h5py.File(tmp_path / name) as f:
+            assert np.array_equal(f["maps"][s], mp.numpy())
+    with pytest.raises(AmbientMRIError, match="--maps-from"):
+        sampling_cli.training_maps(tmp_path / "nowhere", 1)
+    with pytest.raises(AmbientMRIError, match="matrix"):
+        sampling_cli.training_maps(tmp_path, 1, shape=(N + 2, N))
+
+    seen = []
+    real = sampling.prior_sample
+    monkeypatch.setattr(sampling, "prior_sample", lambda den, view, shape, **kw: (seen.append(view),
+                                                                                  real(den, view, shape, **kw))[1])
+    corruption = {"domain": "kspace", "mask_kind": "adps", "accel": 2, "center": 4, "acs": [N, 4], "shape": [N, N],
+                  "further_accel": 3}
+    x, fm = sampling_cli.draw_prior_samples(GaussianDenoiser(), corruption, 4, steps=3, batch=2, maps=maps)
+    assert x.shape == (4, N, N) and len(seen) == 2
+    z = draw_prior(2, 7)
+    for b, view in enumerate(seen):
+        S = maps[2 * b : 2 * b + 2].numpy()
+        M = fm[2 * b : 2 * b + 2].numpy()[:, None].astype(float)  # (2, 1, 1, N)
+        k = np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(S * z.numpy()[:, None], axes=(-2, -1)), norm="ortho"),
+                            axes=(-2, -1))
+        img = np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(M * k, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
+        expect = (S.conj() * img).sum(1)
+        np.testing.assert_allclose(view(z).numpy(), expect, atol=1e-5)
+
+
+def test_further_masks_within_the_test_mask():
+    """``M~`` drawn inside the test mask by the training rule: a subset of it, the ACS block kept, the same
+    fraction of samples as training keeps (R / R~), seeded."""
+    corruption = {"domain": "kspace", "mask_kind": "poisson", "accel": 4.0, "center": 4, "acs": [4, 4],
+                  "shape": [N, N], "further_accel": 5.0}
+    test = torch.from_numpy(masks.poisson_disc((N, N), 3, calib=(4, 4), seed=2).mask)
+    fm = masks.further_masks_within(test, corruption, 6, seed=0)
+    assert fm.shape == (6, N, N) and fm.dtype == torch.bool
+    assert not (fm & ~test).any()  # inside the test mask
+    acs = torch.from_numpy(masks.acs_region((N, N), (4, 4)))
+    assert fm[:, acs].all()
+    assert (fm.flatten(1).sum(1) == int(np.floor(int(test.sum()) * 4 / 5))).all()
+    assert not torch.equal(fm[0], fm[1]) and torch.equal(fm, masks.further_masks_within(test, corruption, 6, seed=0))
+    # and through posterior(): the view's mask is inside the test mask
+    x0, y, maps, m, A = problem(b=1)
+    meta = {"corruption": dict(corruption)}
+    seen = {}
+
+    class Spy(GaussianDenoiser):
+        def forward(self, x_in, sigma, mask):
+            seen["mask"] = mask
+            return super().forward(x_in, sigma, mask)
+
+    posterior("dc", Spy(), meta, y, maps, m, samples=3, steps=2, noise_std=0.01, further="within")
+    assert seen["mask"].shape == (3, N, N) and not (seen["mask"].bool() & ~m.bool()).any()
+    posterior("dc", Spy(), meta, y, maps, m, samples=3, steps=2, noise_std=0.01)
+    assert (seen["mask"].bool() & ~m.bool()).any()  # the published draw ignores the test mask
