@@ -83,7 +83,7 @@ def read_recon(path: Path) -> dict:
             out = {"reconstruction": f["reconstruction"][()].astype(np.float64),
                    "std": f["std"][()] if "std" in f else None,
                    "slice_index": f["slice_index"][()] if "slice_index" in f else None,
-                   "attrs": {k: (v.item() if hasattr(v, "item") else v) for k, v in f.attrs.items()}}
+                   "attrs": {k: (v.item() if np.size(v) == 1 and hasattr(v, "item") else v) for k, v in f.attrs.items()}}
     except OSError as e:
         raise DataError(f"cannot read reconstruction ({e})", path) from None
     if not np.all(np.isfinite(out["reconstruction"])):
