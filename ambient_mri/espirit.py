@@ -234,16 +234,17 @@ def _top_eigh(A: torch.Tensor):
 
 COMPLETE_BELOW = 16  # calibration blocks smaller than this are grown by completion in `espirit_maps_completed`
 COMPLETE_KERNEL = 5
-COMPLETE_ITERS = 40
+COMPLETE_ITERS = 100  # SAKE converges slowly: 40 -> 100 iterations gained 0.3-0.4 dB on SIAT (docs/espirit.md)
+SELECT_ITERS = 50  # iterations of each hold-out candidate when choosing the rank
 SUBSPACE_EVERY = 4  # the rank-r subspace is recomputed every this many iterations (eigh dominates the cost)
-RANK_FRACTIONS = (0.15, 0.2, 0.25)  # candidate ranks, as fractions of C k^2
+RANK_FRACTIONS = (0.15, 0.2, 0.25, 0.3)  # candidate ranks, as fractions of C k^2
 HOLDOUT = 0.15  # fraction of the measured samples outside the calibration block held out to choose the rank
 
 
 def completion_size(calib: int, shape: tuple[int, int]) -> int:
-    """Side of the block completed for a ``calib x calib`` fully sampled centre: ``max(16, 5 calib / 2)``,
-    at most 24 and the matrix (20 for an 8 x 8 centre)."""
-    return int(min(shape[0], shape[1], 24, max(COMPLETE_BELOW, 5 * calib // 2)))
+    """Side of the block completed for a ``calib x calib`` fully sampled centre: ``max(16, 3 calib)``,
+    at most 24 and the matrix (24 for an 8 x 8 centre)."""
+    return int(min(shape[0], shape[1], 24, max(COMPLETE_BELOW, 3 * calib)))
 
 
 def _sake(y: torch.Tensor, m: torch.Tensor, kw: int, ranks: torch.Tensor, iters: int) -> torch.Tensor:
@@ -274,17 +275,17 @@ def _sake(y: torch.Tensor, m: torch.Tensor, kw: int, ranks: torch.Tensor, iters:
 @torch.no_grad()
 def complete_block(kspace: torch.Tensor, mask: torch.Tensor, size: int, *, calib: int = 0,
                    kernel_width: int = COMPLETE_KERNEL, rank: int | None = None, iters: int = COMPLETE_ITERS,
-                   seed: int = 0) -> torch.Tensor:
+                   select_iters: int = SELECT_ITERS, fractions=RANK_FRACTIONS, seed: int = 0) -> torch.Tensor:
     """Fill the unmeasured samples of the centred ``size x size`` block of k-space by structured low-rank
     completion (SAKE, Shin et al. 2014): alternate (1) the calibration matrix ``A`` of the block (every
     ``k x k`` patch of all coils, as :func:`calibration_matrix`) projected onto its top ``rank`` right
     singular vectors, (2) back to k-space by averaging each sample over the patches that hold it, (3) the
     measured samples put back. Only measured samples enter (the rest starts at 0).
 
-    ``rank`` ``None``: chosen per slice from ``RANK_FRACTIONS x C k^2`` by hold-out: :data:`HOLDOUT` of the
+    ``rank`` ``None``: chosen per slice from ``fractions x C k^2`` by hold-out: :data:`HOLDOUT` of the
     measured samples outside the centred ``calib`` block (seeded) are left out, each candidate completes
-    the rest, the one that predicts the held-out samples best wins (the best fixed rank differed between
-    a phantom, 30, and brain data, 50: docs/espirit.md). ``kspace (B, C, H, W)``, ``mask`` broadcastable to
+    the rest (``select_iters`` iterations), the one that predicts the held-out samples best wins (the best
+    fixed rank differed between a phantom, 30, and brain data, 50-55: docs/espirit.md). ``kspace (B, C, H, W)``, ``mask`` broadcastable to
     ``(B, 1, H, W)`` (True = measured). Returns the completed block ``(B, C, size, size)`` complex64.
     """
     k = torch.as_tensor(kspace).to(torch.complex64)
@@ -299,13 +300,13 @@ def complete_block(kspace: torch.Tensor, mask: torch.Tensor, size: int, *, calib
     M = C * kw * kw
     if rank is not None:
         return _sake(y, m, kw, torch.full((B,), int(rank), device=k.device), iters)
-    cands = torch.tensor(sorted({max(1, round(f * M)) for f in RANK_FRACTIONS}), device=k.device)
+    cands = torch.tensor(sorted({max(1, round(f * M)) for f in fractions}), device=k.device)
     g = torch.Generator().manual_seed(int(seed))
     held = (torch.rand(m.shape, generator=g) < HOLDOUT).to(k.device) & m
     c = min(calib, size)
     held[..., center_slice(size, c), center_slice(size, c)] = False  # the calibration block stays
     R = len(cands)
-    fits = _sake((y * ~held).repeat_interleave(R, 0), (m & ~held).repeat_interleave(R, 0), kw, cands.repeat(B), iters)
+    fits = _sake((y * ~held).repeat_interleave(R, 0), (m & ~held).repeat_interleave(R, 0), kw, cands.repeat(B), select_iters)
     err = ((fits - y.repeat_interleave(R, 0)) * held.repeat_interleave(R, 0)).abs().pow(2).sum((1, 2, 3))
     best = cands[err.reshape(B, R).argmin(1)]
     return _sake(y, m, kw, best, iters)
