@@ -271,7 +271,7 @@ def test_siat_head_maps_known_answer(shared_data):
     p_true = M.psnr_adps_batch(x, B.l1_wavelet(y, true, mask, lam, iters=60))
     p_est = M.psnr_adps_batch(x, B.l1_wavelet(y, est, mask, lam, iters=60))
     assert np.all(p_true > 28), p_true  # the problem itself is solvable
-    assert np.all(p_est > p_true - 1.0), (p_est, p_true)  # the issue's target (0.6-0.75 dB measured)
+    assert np.all(p_est > p_true - 1.0), (p_est, p_true)  # the issue's target (0.6-0.8 dB measured)
 
 
 def test_sake_completion_predicts_unmeasured_samples_and_reads_only_measured_ones(problem):
@@ -288,3 +288,20 @@ def test_sake_completion_predicts_unmeasured_samples_and_reads_only_measured_one
     assert rel(blk) < 0.5 * rel(y[sl]), (rel(blk), rel(y[sl]))
     other = y + (~m[:, None]) * torch.randn_like(y)  # garbage where nothing was measured
     torch.testing.assert_close(complete_block(other, m, 20, calib=CALIB), blk)
+
+
+@pytest.mark.slow
+def test_sake_rank_by_hold_out_is_as_good_as_the_best_candidate_rank(problem):
+    """The phantom needs a low rank (30 of C k^2 = 200; 50-55 suits brain data): the staged hold-out must
+    find it, i.e. complete the 24 x 24 block as well as the best fixed candidate (measured 1.02-1.03x)."""
+    from ambient_mri.espirit import RANK_FRACTIONS, complete_block
+    from ambient_mri.masks import center_slice
+
+    y, m = problem["y"], problem["mask"]
+    truth = fft2c(problem["maps"] * problem["x"][:, None])[..., center_slice(N, 24), center_slice(N, 24)]
+    err = lambda blk: (blk - truth).flatten(1).norm(dim=1) / truth.flatten(1).norm(dim=1)  # noqa: E731
+    chosen = err(complete_block(y, m, 24, calib=CALIB))
+    fixed = torch.stack([err(complete_block(y, m, 24, calib=CALIB, rank=round(f * COILS * 25)))
+                         for f in RANK_FRACTIONS])
+    assert torch.all(chosen < 1.1 * fixed.min(0).values), (chosen, fixed)
+    assert torch.all(chosen < 0.5 * fixed.max(0).values), (chosen, fixed)
