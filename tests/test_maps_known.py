@@ -60,7 +60,7 @@ def test_espirit_defaults_small_blocks_changed_large_blocks_kept():
     assert (default_kernel_width((8, 8)), default_thresh(3)) == (3, 0.05)
     assert (default_kernel_width((24, 24)), default_thresh(6)) == (6, 0.02)
     assert default_kernel_width((16, 16)) == 5 and default_kernel_width((4, 4)) == 2
-    assert completion_size(8, (64, 64)) == 20 and completion_size(8, (12, 12)) == 12
+    assert completion_size(8, (64, 64)) == 24 and completion_size(8, (12, 12)) == 12
 
 
 def test_poisson_mask_has_the_8x8_calibration_block(problem):
@@ -75,14 +75,14 @@ def test_estimated_maps_correlate_with_the_truth_inside_the_object(problem, est_
     assert map_correlation(est_maps[method], problem["maps"], inside) > 0.98
 
 
-@pytest.mark.parametrize("method", ["espirit-torch", DEFAULT_MAPS])
-def test_l1_wavelet_with_estimated_maps_is_within_1db_of_true_maps(problem, est_maps, method):
+@pytest.mark.parametrize("method,tol", [("espirit-torch", 1.0), (DEFAULT_MAPS, 0.5)])  # default: 0.0-0.25 dB measured
+def test_l1_wavelet_with_estimated_maps_is_within_1db_of_true_maps(problem, est_maps, method, tol):
     x, y, m = problem["x"], problem["y"], problem["mask"]
     lam = 1e-3  # A-DPS's order for data of peak ~1 (baselines module doc)
     true = M.psnr_adps_batch(x, B.l1_wavelet(y, problem["maps"], m, lam, iters=60))
     est = M.psnr_adps_batch(x, B.l1_wavelet(y, est_maps[method], m, lam, iters=60))
     assert np.all(true > 25), true  # the problem itself is solvable
-    assert np.all(est > true - 1.0), (est, true)
+    assert np.all(est > true - tol), (est, true)
 
 
 @pytest.mark.parametrize("which", ["true", "estimated"])
@@ -247,7 +247,7 @@ def test_crop_maps_matches_the_kspace_crop_of_the_coil_images():
 
 
 # ----------------------------------------------------------------------------------------------
-# Real anatomy with real head-coil maps (../shared/data): measured, not yet at the 1 dB target
+# Real anatomy with real head-coil maps (../shared/data)
 
 @pytest.mark.shared_data
 @pytest.mark.slow
@@ -257,7 +257,7 @@ def test_siat_head_maps_known_answer(shared_data):
     from data_prep.common import resample
     from data_prep.siat import head_coil_maps, load_siat, simulate_multicoil
 
-    idx = [105, 205]
+    idx = [25, 335]  # validation series of `python -m data_prep siat` (all 500 slices, seed 0), not test
     x = resample(load_siat(SHARED, idx), (N, N), "fourier")
     S = head_coil_maps(SHARED, N)
     coil, _ = simulate_multicoil(x, S, NOISE, 0, idx)
@@ -270,9 +270,8 @@ def test_siat_head_maps_known_answer(shared_data):
     lam = 1e-3 * float(np.abs(x).max())
     p_true = M.psnr_adps_batch(x, B.l1_wavelet(y, true, mask, lam, iters=60))
     p_est = M.psnr_adps_batch(x, B.l1_wavelet(y, est, mask, lam, iters=60))
-    if np.any(p_est < p_true - 1.0):  # the issue's target; 8 x 8 calibration of these maps misses it
-        pytest.xfail(f"L1 with ESPIRiT maps {p_est.round(2)} dB vs true maps {p_true.round(2)} dB "
-                     "(8 x 8 calibration; docs/espirit.md)")
+    assert np.all(p_true > 28), p_true  # the problem itself is solvable
+    assert np.all(p_est > p_true - 1.0), (p_est, p_true)  # the issue's target (0.6-0.8 dB measured)
 
 
 def test_sake_completion_predicts_unmeasured_samples_and_reads_only_measured_ones(problem):
@@ -289,3 +288,20 @@ def test_sake_completion_predicts_unmeasured_samples_and_reads_only_measured_one
     assert rel(blk) < 0.5 * rel(y[sl]), (rel(blk), rel(y[sl]))
     other = y + (~m[:, None]) * torch.randn_like(y)  # garbage where nothing was measured
     torch.testing.assert_close(complete_block(other, m, 20, calib=CALIB), blk)
+
+
+@pytest.mark.slow
+def test_sake_rank_by_hold_out_is_as_good_as_the_best_candidate_rank(problem):
+    """The phantom needs a low rank (30 of C k^2 = 200; 50-55 suits brain data): the staged hold-out must
+    find it, i.e. complete the 24 x 24 block as well as the best fixed candidate (measured 1.02-1.03x)."""
+    from ambient_mri.espirit import RANK_FRACTIONS, complete_block
+    from ambient_mri.masks import center_slice
+
+    y, m = problem["y"], problem["mask"]
+    truth = fft2c(problem["maps"] * problem["x"][:, None])[..., center_slice(N, 24), center_slice(N, 24)]
+    err = lambda blk: (blk - truth).flatten(1).norm(dim=1) / truth.flatten(1).norm(dim=1)  # noqa: E731
+    chosen = err(complete_block(y, m, 24, calib=CALIB))
+    fixed = torch.stack([err(complete_block(y, m, 24, calib=CALIB, rank=round(f * COILS * 25)))
+                         for f in RANK_FRACTIONS])
+    assert torch.all(chosen < 1.1 * fixed.min(0).values), (chosen, fixed)
+    assert torch.all(chosen < 0.5 * fixed.max(0).values), (chosen, fixed)
