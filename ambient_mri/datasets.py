@@ -19,7 +19,6 @@ Small datasets (arrays under ``cache_mb`` MiB) are read into memory once; larger
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -29,47 +28,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .errors import DataError
-
-FORMAT = "ambient_mri.prepared/1"
-
-
-def read_manifest(root: str | os.PathLike) -> tuple[dict, str]:
-    """``(manifest dict, sha256 of manifest.json)``; one-line :class:`DataError` if missing or malformed."""
-    path = Path(root) / "manifest.json"
-    if not Path(root).is_dir():
-        raise DataError("no such prepared folder", root)
-    try:
-        raw = path.read_bytes()
-    except OSError:
-        hint = ""
-        if any(Path(root).glob("R*/manifest.json")):
-            hint = f" (it holds per-acceleration folders: use one of {', '.join(sorted(p.parent.name for p in Path(root).glob('R*/manifest.json')))})"
-        raise DataError(f"no manifest.json: not a prepared dataset (run ambient-mri prep){hint}", root) from None
-    try:
-        m = json.loads(raw)
-    except ValueError as e:
-        raise DataError(f"manifest is not valid JSON ({e})", path) from None
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise DataError(f"manifest format is {m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT!r}", path)
-    files = m.get("files")
-    if not isinstance(files, list) or not files:
-        raise DataError("manifest lists no files", path)
-    for e in files:
-        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not isinstance(e.get("slices"), int):
-            raise DataError(f"manifest file entry {e!r} lacks 'file' or 'slices'", path)
-        if "/" in e["file"] or "\\" in e["file"] or e["file"].startswith("."):
-            raise DataError(f"manifest file entry {e['file']!r} is not a plain file name", path)
-    return m, hashlib.sha256(raw).hexdigest()
-
-
-def _attr(v):
-    if isinstance(v, bytes):
-        return v.decode()
-    if isinstance(v, np.ndarray):
-        return v.tolist()
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
+from .prepared import ARRAYS, FORMAT, read_manifest  # noqa: F401  (FORMAT, read_manifest: kept importable from here)
+from .prepared import attr_value as _attr
 
 
 class PreparedDataset(Dataset):
@@ -149,7 +109,7 @@ class PreparedDataset(Dataset):
 
     @staticmethod
     def _itemsize(key):
-        return 8 if key in ("kspace", "maps", "image", "reference") else 1 if key == "mask" else 4
+        return ARRAYS[key].dtype.itemsize if key in ARRAYS else 4
 
     # -- reading
     def _file(self, fi: int):

@@ -24,30 +24,24 @@ import numpy as np
 from .errors import DataError
 from .fft import center_crop
 from .fsutil import atomic_path, make_dir, write_json
+from .prepared import UNITS, UNITS_ATTR, reference_units
 
 SLICE_KEYS = ("psnr_adps", "ssim_adps", "nrmse_adps")
 VOLUME_KEYS = ("psnr_fastmri", "ssim_fastmri", "nmse_fastmri")
 
 
-UNITS = {"prepared": "the prepared data's normalised units (a prepared file's 'reference')",
-         "raw": "the raw scanner units of a fastMRI file"}
-
-
 def read_reference(path: Path, slice_index: np.ndarray | None) -> tuple[np.ndarray, str]:
-    """Reference magnitudes ``(S, h, w)`` for the given input slice indices, and their units: ``"prepared"``
-    (a prepared file's ``reference``, divided by each slice's ``norm``) or ``"raw"`` (fastMRI's
-    ``reconstruction_rss`` / ``_esc``)."""
+    """Reference magnitudes ``(S, h, w)`` for the given input slice indices, and their units
+    (:func:`ambient_mri.prepared.reference_units`): ``"prepared"`` (a prepared file's ``reference``, already
+    divided by each slice's ``norm``) or ``"raw"`` (fastMRI's ``reconstruction_rss`` / ``_esc``)."""
     try:
         with h5py.File(path, "r") as f:
-            if "reference" in f:
-                ref, units = np.abs(f["reference"][()]), "prepared"
-                own = f["slice_index"][()] if "slice_index" in f else np.arange(ref.shape[0])
-            else:
-                key = next((k for k in ("reconstruction_rss", "reconstruction_esc") if k in f), None)
-                if key is None:
-                    raise DataError("no reference image (neither 'reference' nor 'reconstruction_rss'/'_esc')", path)
-                ref, units = f[key][()].astype(np.float64), "raw"
-                own = np.arange(ref.shape[0])
+            found = reference_units(f)
+            if found is None:
+                raise DataError("no reference image (neither 'reference' nor 'reconstruction_rss'/'_esc')", path)
+            key, units = found
+            ref = np.abs(f[key][()]) if key == "reference" else f[key][()].astype(np.float64)
+            own = f["slice_index"][()] if key == "reference" and "slice_index" in f else np.arange(ref.shape[0])
     except OSError as e:
         raise DataError(f"cannot read reference ({e})", path) from None
     if slice_index is None:
@@ -63,13 +57,13 @@ def check_units(rec_attrs: dict, ref_units: str, rec_path: Path, ref_path: Path)
     """A reconstruction is scored only against a reference in its own units (``recon`` writes the ``units``
     attribute): PSNR (A-DPS) uses the reference's maximum but the raw error, so a scale mismatch would
     silently shift it. A file without ``units`` (written by other tools) is taken as it is."""
-    units = rec_attrs.get("units")
+    units = rec_attrs.get(UNITS_ATTR)
     if isinstance(units, bytes):
         units = units.decode(errors="replace")
     if units is None or units == ref_units:
         return
     if units not in UNITS:
-        raise DataError(f"unknown units attribute {units!r} (expected 'prepared' or 'raw')", rec_path)
+        raise DataError(f"unknown units attribute {units!r} (expected {' or '.join(map(repr, UNITS))})", rec_path)
     raise DataError(f"reconstruction is in {units} units but the reference {ref_path} is in {ref_units} units "
                     f"({UNITS[ref_units]}); score a prepared-input reconstruction against the prepared folder, "
                     f"a raw-input one against the fastMRI folder", rec_path)

@@ -14,8 +14,7 @@ import click
 import numpy as np
 
 from .errors import AmbientMRIError, DataError
-
-PREPARED_FORMAT = "ambient_mri.prepared/1"
+from .prepared import MANIFEST, describe_prepared, is_prepared, manifest_json
 
 
 def kind_of(path: Path) -> str:
@@ -23,9 +22,9 @@ def kind_of(path: Path) -> str:
     or ``folder`` (anything else)."""
     path = Path(path)
     if path.is_dir():
-        if (path / "manifest.json").exists() or any(_is_prepared(p) for p in _h5s(path)[:1]):
+        if (path / MANIFEST).exists() or any(is_prepared(p) for p in _h5s(path)[:1]):
             return "prepared-folder"
-        if any((d / "manifest.json").exists() for d in _subdirs(path)):
+        if any((d / MANIFEST).exists() for d in _subdirs(path)):
             return "prepared-folder"
         if list(path.glob("*.pt")):
             return "run-folder"
@@ -34,7 +33,7 @@ def kind_of(path: Path) -> str:
         return "folder"
     if path.suffix in (".pt", ".pth", ".ckpt"):
         return "checkpoint"
-    return "prepared" if _is_prepared(path) else "fastmri"
+    return "prepared" if is_prepared(path) else "fastmri"
 
 
 def _h5s(folder: Path) -> list[Path]:
@@ -43,18 +42,6 @@ def _h5s(folder: Path) -> list[Path]:
 
 def _subdirs(folder: Path) -> list[Path]:
     return sorted(d for d in Path(folder).iterdir() if d.is_dir() and not d.name.startswith("."))
-
-
-def _is_prepared(path: Path) -> bool:
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            fmt = f.attrs.get("format")
-            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-            return fmt == PREPARED_FORMAT or ("split" in f.attrs and "norm" in f)
-    except (OSError, ValueError):
-        return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -88,8 +75,6 @@ def describe_fastmri(path) -> dict:
 
 def describe_prepared_file(path) -> dict:
     """Split, slices, shapes, mask kind, nominal and actual acceleration, norms of a prepared file."""
-    from .prep import describe_prepared
-
     try:
         d = describe_prepared(path)
     except (OSError, KeyError, ValueError) as e:
@@ -109,16 +94,16 @@ def describe_prepared_file(path) -> dict:
 def describe_prepared_folder(path) -> dict:
     """A prepared dataset folder (its ``manifest.json`` and files), or a folder of ``R<R>/`` datasets."""
     path = Path(path)
-    subsets = [d for d in _subdirs(path) if (d / "manifest.json").exists()]
+    subsets = [d for d in _subdirs(path) if (d / MANIFEST).exists()]
     out = {"kind": "prepared-folder", "path": os.fspath(path), "datasets": []}
-    for folder in ([path] if (path / "manifest.json").exists() or _h5s(path) else []) + subsets:
+    for folder in ([path] if (path / MANIFEST).exists() or _h5s(path) else []) + subsets:
         ds = {"path": os.fspath(folder), "files": [], "errors": []}
-        mf = folder / "manifest.json"
+        mf = folder / MANIFEST
         if mf.exists():
             try:
-                m = json.loads(mf.read_text())
-            except (OSError, ValueError) as e:
-                ds["errors"].append(f"{mf}: unreadable manifest ({e})")
+                m = manifest_json(mf)
+            except DataError as e:
+                ds["errors"].append(str(e))
             else:
                 ds.update({k: m.get(k) for k in ("format", "split", "domain", "reference_kind", "options")})
                 ds["failed"] = m.get("failed", [])
@@ -247,7 +232,7 @@ def describe(path) -> dict:
         files, errors = [], []
         for p in _h5s(path):
             try:
-                files.append(describe_prepared_file(p) if _is_prepared(p) else describe_fastmri(p))
+                files.append(describe_prepared_file(p) if is_prepared(p) else describe_fastmri(p))
             except AmbientMRIError as e:
                 errors.append(str(e))
         return {"kind": "fastmri-folder", "path": os.fspath(path), "files": files, "errors": errors}

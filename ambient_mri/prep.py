@@ -43,10 +43,11 @@ import numpy as np
 
 from . import __version__
 from .errors import AmbientMRIError, ConfigError, DataError
+from .prepared import DOMAINS, FORMAT, PER_SLICE_KEYS, SPLITS, manifest_entry
+from .prepared import describe_prepared  # noqa: F401  (kept importable from here)
+from .prepared import array_keys as _array_keys
+from .prepared import stored
 
-FORMAT = "ambient_mri.prepared/1"
-SPLITS = ("train", "val", "test")
-DOMAINS = ("kspace", "image")
 REFERENCE_KINDS = ("cg-sense", "rss")
 CORRUPTIONS = ("box", "pixels")
 MASK_TYPES = ("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson")  # == masks.KSPACE_KINDS
@@ -868,32 +869,14 @@ def prepare_volume(volume, options: PrepOptions | None = None, *, accel: float |
         rows = [(i, out[opts.targets[0]]) for i, out in iter_prepared(vol, opts, plan)]
     arrays = {"slice_index": np.array([i for i, _ in rows], dtype=np.int64)}
     for key in _array_keys(rows[0][1]):
-        arrays[key] = np.stack([_stored(key, r) for _, r in rows])
+        arrays[key] = np.stack([stored(key, r[key]) for _, r in rows])
     arrays["attrs"] = _file_attrs(plan, opts, opts.targets[0], [r for _, r in rows], source_sha256=None)
     return arrays
 
 
-_PER_SLICE_KEYS = ("kspace", "image", "mask", "maps", "reference", "norm", "mask_seed", "noise_std")
-
-
-def _array_keys(d: dict) -> list[str]:
-    return [k for k in _PER_SLICE_KEYS if k in d]
-
-
-def _stored(key, d):
-    v = d[key]
-    if key in ("norm", "noise_std"):
-        return np.float32(v)
-    if key == "mask_seed":
-        return np.int64(v)
-    if key == "mask":
-        return np.asarray(v, dtype=bool)
-    return np.asarray(v, dtype=np.complex64)
-
-
 def _meta(d: dict) -> dict:
     """A slice dict without its arrays (what the file attributes need)."""
-    out = {k: v for k, v in d.items() if k not in _PER_SLICE_KEYS or k in ("norm", "noise_std")}
+    out = {k: v for k, v in d.items() if k not in PER_SLICE_KEYS or k in ("norm", "noise_std")}
     out["has_reference"] = d.get("has_reference", "reference" in d)
     return out
 
@@ -990,7 +973,7 @@ def _write_volume_unit(unit: dict) -> dict:
                     if n == 0:
                         _create_datasets(f, d, len(plan.indices))
                     for key in _array_keys(d):
-                        f[key][n] = _stored(key, d)
+                        f[key][n] = stored(key, d[key])
                     f["slice_index"][n] = i
                     rows[t].append(_meta(d))
                     f.guard.check()  # stop at the first failed write (full disk), not after the last slice
@@ -1031,7 +1014,7 @@ def fit_warning(attrs: dict) -> str | None:
 
 def _create_datasets(f, d: dict, n: int):
     for key in _array_keys(d):
-        v = _stored(key, d)
+        v = stored(key, d[key])
         shape = (n,) + np.shape(v)
         chunks = (1,) + np.shape(v) if np.ndim(v) else None
         f.create_dataset(key, shape=shape, dtype=v.dtype, chunks=chunks)
@@ -1044,43 +1027,11 @@ def _bar(total, desc, enabled):
     return tqdm(total=total, desc=desc, unit="slice", leave=False, disable=not enabled, file=sys.stderr)
 
 
-def describe_prepared(path) -> dict:
-    """Summary of a finished prepared file: its attributes plus the manifest entry fields."""
-    import h5py
-
-    with h5py.File(path, "r") as f:
-        a = {k: (v.decode() if isinstance(v, bytes) else v.tolist() if isinstance(v, np.ndarray) else
-                 v.item() if isinstance(v, np.generic) else v) for k, v in f.attrs.items()}
-        mask = f["mask"][()]
-        d = {
-            "file": Path(path).name, "source": a.get("source"), "source_sha256": a.get("source_sha256"),
-            "slices": int(f["slice_index"].shape[0]), "slice_index": f["slice_index"][()].tolist(),
-            "mask_seed": f["mask_seed"][()].tolist(), "norm": [float(x) for x in f["norm"][()]],
-            "accel_actual": float(mask[0].size / max(mask.reshape(len(mask), -1).sum(1).mean(), 1e-12)),
-            "reference": a.get("reference_kind") if "reference" in f else None,
-            "warnings": json.loads(a.get("warnings", "[]")),
-            "shapes": {k: list(f[k].shape) for k in ("kspace", "image", "mask", "maps", "reference") if k in f},
-            "maps": a.get("maps_kind"),
-            "noise_std": [float(x) for x in f["noise_std"][()]] if "noise_std" in f else None,
-            "noise_std_source": json.loads(a["noise_std_source"]) if "noise_std_source" in a else None,
-        }
-        if "forward_residual" in a:
-            d["forward_residual"] = [float(x) for x in np.atleast_1d(a["forward_residual"])]
-            d["noise_residual"] = [float(x) for x in np.atleast_1d(a["noise_residual"])]
-    d["attrs"] = a
-    return d
-
-
 def build_manifest(folder: Path, options: PrepOptions, failed: list[dict]) -> dict:
     """``manifest.json`` content, built from the finished files in ``folder`` (so it is right after a resume)."""
     from .fastmri_io import list_volumes
 
-    files = []
-    for p in list_volumes(folder) if Path(folder).is_dir() else []:
-        d = describe_prepared(p)
-        d.pop("attrs")
-        d.pop("shapes")
-        files.append(d)
+    files = [manifest_entry(p) for p in (list_volumes(folder) if Path(folder).is_dir() else [])]
     with_ref = any(f["reference"] for f in files)
     return {"format": FORMAT, "split": options.split, "domain": options.domain, "ambient_mri_version": __version__,
             "options": options.to_json(), "reference_kind": options.reference if with_ref else None,

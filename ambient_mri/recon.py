@@ -33,6 +33,7 @@ import numpy as np
 
 from .errors import AmbientMRIError, ConfigError, DataError
 from .fsutil import atomic_h5, atomic_path, claim
+from .prepared import UNITS_ATTR, UNITS_RAW, Scan, check_noise_std, is_prepared, load_prepared
 
 MODEL_METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise")
 ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with an oracle checkpoint; adps / adps-noise refuse one
@@ -44,27 +45,6 @@ CLASSICAL = ("zf", "sense", "l1")
 METHODS = MODEL_METHODS + CLASSICAL
 
 
-@dataclass
-class Scan:
-    """One input volume, normalised: ``y`` ``(S, C, H, W)`` (or ``(S, H, W)`` image domain), ``maps`` or None,
-    ``mask`` ``(S, 1|H, W)``, ``norm`` ``(S,)``, ``slice_index``, ``units``, ``attrs``, ``noise_std`` ``(S,)`` or None
-    (complex noise std of one k-space sample of one coil in these units, ``E|n|^2 = noise_std^2``; NaN = unknown)."""
-
-    path: Path
-    y: np.ndarray
-    maps: np.ndarray | None
-    mask: np.ndarray
-    norm: np.ndarray
-    slice_index: np.ndarray
-    units: str
-    attrs: dict = field(default_factory=dict)
-    noise_std: np.ndarray | None = None
-
-    @property
-    def shape(self):
-        return tuple(self.y.shape[-2:])
-
-
 def list_inputs(path: Path) -> list[Path]:
     if path.is_file():
         return [path]
@@ -72,66 +52,6 @@ def list_inputs(path: Path) -> list[Path]:
     if not files:
         raise DataError("no .h5 files to reconstruct", path)
     return files
-
-
-def is_prepared(path: Path) -> bool:
-    try:
-        with h5py.File(path, "r") as f:
-            return "mask" in f and ("maps" in f or "image" in f) and "split" in f.attrs
-    except (OSError, RuntimeError, KeyError, ValueError) as e:  # not HDF5, truncated, damaged structure
-        raise DataError(f"not a readable HDF5 file ({' '.join(str(e).split())[:120]})", path) from None
-
-
-def load_prepared(path: Path) -> Scan:
-    """A prepared val/test file (``docs/data_format.md``); a missing key, a damaged file, shapes that do not
-    fit together or NaN/Inf raise a one-line :class:`DataError`."""
-    try:
-        with h5py.File(path, "r") as f:
-            attrs = {k: (v.item() if hasattr(v, "item") and np.ndim(v) == 0 else v) for k, v in f.attrs.items()}
-            image = "image" in f
-            key = "image" if image else "kspace"
-            for k in (key, "mask") + (() if image else ("maps",)):
-                if k not in f:
-                    raise DataError(f"prepared file has no {k!r}", path)
-            y = f[key][()]
-            maps = None if image else f["maps"][()]
-            mask = f["mask"][()]
-            norm = f["norm"][()] if "norm" in f else np.ones(y.shape[0], np.float32)
-            idx = f["slice_index"][()] if "slice_index" in f else np.arange(y.shape[0])
-            noise = f["noise_std"][()] if "noise_std" in f else None
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as e:
-        raise DataError(f"cannot read the prepared file ({' '.join(str(e).split())[:120]})", path) from None
-    rank = 3 if image else 4
-    if y.ndim != rank or y.dtype.kind != "c" or 0 in y.shape:
-        raise DataError(f"{key!r} must be complex with shape {'(S, H, W)' if image else '(S, C, H, W)'}, got "
-                        f"{y.dtype} {y.shape}", path)
-    S, (H, W) = y.shape[0], y.shape[-2:]
-    if maps is not None and maps.shape != y.shape:
-        raise DataError(f"'maps' shape {maps.shape} differs from 'kspace' shape {y.shape}", path)
-    if mask.ndim != 3 or mask.shape[0] != S or mask.shape[1:] not in ((1, W), (H, W)):
-        raise DataError(f"'mask' shape {mask.shape} does not fit {key!r} {y.shape} (expected (S, 1, W) or (S, H, W))",
-                        path)
-    if not np.asarray(mask, dtype=bool).reshape(S, -1).any(axis=1).all():
-        raise DataError("a slice's sampling mask is empty", path)
-    if np.shape(norm) != (S,) or np.shape(idx) != (S,):
-        raise DataError(f"'norm' / 'slice_index' must have one value per slice ({S})", path)
-    for name, a in (("kspace" if not image else "image", y), ("maps", maps), ("norm", norm)):
-        if a is not None and not np.isfinite(a).all():
-            raise DataError(f"{name!r} holds NaN or Inf", path)
-    return Scan(path, y, maps, mask, norm, idx, "prepared", attrs, check_noise_std(noise, S, path))
-
-
-def check_noise_std(noise, S: int, path) -> np.ndarray | None:
-    """``noise_std`` of a prepared file as float64 ``(S,)`` (NaN = unknown), or a one-line DataError."""
-    if noise is None:
-        return None
-    a = np.asarray(noise)
-    if a.shape != (S,) or a.dtype.kind not in "fiu":
-        raise DataError(f"'noise_std' must be real with one value per slice ({S}), got {a.dtype} {a.shape}", path)
-    a = a.astype(np.float64)
-    if np.isinf(a).any() or (a < 0).any():
-        raise DataError("'noise_std' holds a negative or infinite value (NaN marks an unknown level)", path)
-    return a
 
 
 def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, crop, whiten=None, echo=None) -> Scan:
@@ -153,7 +73,7 @@ def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, c
         echo(f"note: {path}: {note}")
     noise = arrays.get("noise_std")
     return Scan(path, arrays["kspace"], arrays["maps"], arrays["mask"], np.asarray(arrays["norm"]),
-                arrays["slice_index"], "raw", attrs,
+                arrays["slice_index"], UNITS_RAW, attrs,
                 None if noise is None else check_noise_std(noise, arrays["kspace"].shape[0], path))
 
 
@@ -341,10 +261,10 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
     std = np.stack([p["std"] for p in parts]) if parts[0]["std"].size else None
     dc = np.array([float(p["dc"]) for p in parts])
     seconds = float(np.mean([float(p["seconds"]) for p in parts]))
-    scale = scan.norm.reshape(-1, 1, 1) if scan.units == "raw" else 1.0
+    scale = scan.norm.reshape(-1, 1, 1) if scan.units == UNITS_RAW else 1.0
     mean = (mean * scale).astype(np.complex64)
     std = None if std is None else (std * scale).astype(np.float32)
-    attrs = {"method": rec.method, "label": label, "accel": _accel_label(scan), "units": scan.units,
+    attrs = {"method": rec.method, "label": label, "accel": _accel_label(scan), UNITS_ATTR: scan.units,
              "source": str(scan.path), "samples": rec.samples, "seed": rec.seed, "steps": rec.steps or rec.default_steps(),
              "nfe": rec.nfe(), "seconds_per_slice": seconds, "options": json.dumps(options, default=str)}
     if rec.meta is not None:
@@ -372,7 +292,7 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
         f["data_consistency"] = dc.astype(np.float32)
         f["slice_index"] = scan.slice_index
         if noise_used:
-            f["noise_std"] = (noise * (scan.norm if scan.units == "raw" else 1.0)).astype(np.float32)
+            f["noise_std"] = (noise * (scan.norm if scan.units == UNITS_RAW else 1.0)).astype(np.float32)
         f.attrs.update({k: v for k, v in attrs.items() if v is not None})
     shutil.rmtree(part, ignore_errors=True)
     return final
@@ -431,19 +351,17 @@ def tune_lambda(val_dir: Path, slices: int, l1_iters: int, candidates=None) -> d
     """Choose the L1 weight on the first ``slices`` slices of a prepared VALIDATION folder (never test data)."""
     from .baselines import choose_lambda
 
-    parts = {k: [] for k in ("kspace", "mask", "maps", "reference")}
+    parts = []
     n = 0
     for p in list_inputs(val_dir):
-        with h5py.File(p, "r") as f:
-            if "reference" not in f or "kspace" not in f:
-                raise DataError("--tune-on needs a prepared val split (k-space with 'reference')", p)
-            take = min(f["kspace"].shape[0], slices - n)
-            for k in parts:
-                parts[k].append(f[k][:take])
-        n += take
+        scan = load_prepared(p, slices=slices - n, reference=True) if is_prepared(p) else None
+        if scan is None or scan.maps is None or scan.reference is None:
+            raise DataError("--tune-on needs a prepared val split (k-space with 'reference')", p)
+        parts.append(scan)
+        n += scan.y.shape[0]
         if n >= slices:
             break
-    y, m, s, r = (np.concatenate(parts[k]) for k in ("kspace", "mask", "maps", "reference"))
+    y, m, s, r = (np.concatenate([getattr(sc, k) for sc in parts]) for k in ("y", "mask", "maps", "reference"))
     kw = {} if candidates is None else {"candidates": candidates}
     return choose_lambda(y, s, m, r, iters=l1_iters, **kw).as_dict()
 
