@@ -12,9 +12,15 @@ by ``H W`` (so that, fully sampled with ``sum_c |S_c|^2 = 1``, it is the per-pix
   loss ``lambda ||M (D - y)||^2`` with ``y = M x0`` an image;
 * :func:`edm_loss`: plain EDM denoising of images ``x`` (the FS-EDM oracle on references, or the naive
   ZF-/L1-EDM baselines on zero-filled / L1-wavelet reconstructions of undersampled data).
+
+The trainer uses them through one object per ``loss.kind`` (:func:`build_loss`), each called as
+``loss(denoiser, batch, generator) -> (B,)``: it draws ``sigma``, then ``M~`` (:class:`FurtherMask`), then the
+noise ``eta``, all from the step's ``generator`` in that order, and calls the function above.
 """
 
 from __future__ import annotations
+
+from functools import partial
 
 import torch
 
@@ -106,3 +112,107 @@ def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, eta: torch.Tenso
     D = denoiser(x + sigma[:, None, None] * eta, sigma, None)
     H, W = x.shape[-2:]
     return loss_weight(denoiser, sigma) * (D - x).abs().pow(2).flatten(1).sum(1) / (H * W)
+
+
+# ----------------------------------------------------------------------------------------------
+# The training losses as objects: loss(denoiser, batch, generator) -> (B,)
+
+
+class FurtherMask:
+    """``M~ = draw(M, generator)`` for a batch of training masks ``M``: redrawn every step from the step's
+    generator (``redraw``), or fixed per slice, drawn from a generator seeded by
+    ``derived_seed("fixed-further-mask", seed, slice index)`` (the step's generator is then not used)."""
+
+    def __init__(self, draw, *, redraw: bool, seed: int):
+        self.draw, self.redraw, self.seed = draw, bool(redraw), int(seed)
+
+    def __call__(self, mask: torch.Tensor, index: torch.Tensor, generator) -> torch.Tensor:
+        if self.redraw:
+            return self.draw(mask, generator=generator)
+        from .distributed import derived_seed
+
+        return torch.cat([self.draw(mask[i : i + 1], generator=torch.Generator(device=mask.device).manual_seed(
+            derived_seed("fixed-further-mask", self.seed, int(index[i])))) for i in range(len(mask))])
+
+
+class EDMLoss:
+    """Plain EDM on ``batch["image"] (B, H, W)`` (:func:`edm_loss`): the FS-EDM oracle and the naive baselines."""
+
+    def __init__(self, *, P_mean: float = -1.2, P_std: float = 1.2):
+        self.P_mean, self.P_std = float(P_mean), float(P_std)
+
+    @classmethod
+    def from_config(cls, loss, info: dict, seed: int):
+        return cls(P_mean=loss.P_mean, P_std=loss.P_std)
+
+    def sigma(self, like: torch.Tensor, generator) -> torch.Tensor:
+        """``(B,)`` noise levels on ``like``'s device (:func:`sample_sigma`)."""
+        return sample_sigma(len(like), P_mean=self.P_mean, P_std=self.P_std, generator=generator, device=like.device)
+
+    def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
+        x = batch["image"]
+        return edm_loss(denoiser, x, self.sigma(x, generator), generator=generator)
+
+
+class AmbientKspaceLoss(EDMLoss):
+    """:func:`ambient_kspace_loss` on ``batch["kspace"], ["mask"], ["maps"]``, ``M~`` from ``further``."""
+
+    def __init__(self, further: FurtherMask, *, domain: str = "kspace", P_mean: float = -1.2, P_std: float = 1.2):
+        super().__init__(P_mean=P_mean, P_std=P_std)
+        self.further, self.domain = further, domain
+
+    @classmethod
+    def from_config(cls, loss, info: dict, seed: int):
+        """``M~`` by :func:`masks.further_kspace_mask` with ``loss.further_accel`` or ``loss.delta``, keeping
+        the data's ACS block (``info["acs"]``; its width alone for line masks)."""
+        from .masks import further_kspace_mask
+
+        acs = tuple(int(v) for v in info["acs"])
+        if info["mask_shape"][0] == 1:
+            acs = (1, acs[1])
+        key = "further_accel" if loss.further_accel is not None else "delta"
+        draw = partial(further_kspace_mask, acs=acs, **{key: getattr(loss, key)})
+        return cls(FurtherMask(draw, redraw=loss.redraw, seed=seed), domain=loss.domain, P_mean=loss.P_mean,
+                   P_std=loss.P_std)
+
+    def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
+        y, mask = batch["kspace"], batch["mask"]
+        sigma = self.sigma(y, generator)
+        return ambient_kspace_loss(denoiser, y, mask, batch["maps"], self.further(mask, batch["index"], generator),
+                                   sigma, domain=self.domain, generator=generator)
+
+
+class AmbientImageLoss(EDMLoss):
+    """:func:`ambient_image_loss` on ``batch["image"], ["mask"]``, ``M~`` from ``further``."""
+
+    def __init__(self, further: FurtherMask, *, P_mean: float = -1.2, P_std: float = 1.2):
+        super().__init__(P_mean=P_mean, P_std=P_std)
+        self.further = further
+
+    @classmethod
+    def from_config(cls, loss, info: dict, seed: int):
+        """``M~`` by :func:`masks.further_image_mask` (the data's corruption, further level ``loss.delta``)."""
+        from .masks import further_image_mask
+
+        draw = partial(further_image_mask, kind=info["corruption"], level=loss.delta)
+        return cls(FurtherMask(draw, redraw=loss.redraw, seed=seed), P_mean=loss.P_mean, P_std=loss.P_std)
+
+    def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
+        y, mask = batch["image"], batch["mask"]
+        sigma = self.sigma(y, generator)
+        return ambient_image_loss(denoiser, y, mask, self.further(mask, batch["index"], generator), sigma,
+                                  generator=generator)
+
+
+LOSSES = {"ambient": AmbientKspaceLoss, "ambient_image": AmbientImageLoss, "oracle": EDMLoss, "naive_zf": EDMLoss,
+          "naive_l1": EDMLoss}
+
+
+def build_loss(loss, info: dict, seed: int) -> EDMLoss:
+    """The loss object of ``loss.kind`` (``loss``: the config's ``loss`` section; ``info``: the prepared
+    data's ``dataset.info``; ``seed``: the run's seed, for fixed further masks)."""
+    if loss.kind not in LOSSES:
+        from .errors import ConfigError
+
+        raise ConfigError(f"unknown loss.kind {loss.kind!r} (choose from {', '.join(LOSSES)})")
+    return LOSSES[loss.kind].from_config(loss, info, seed)

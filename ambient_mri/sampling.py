@@ -14,11 +14,14 @@ All samplers take a ``torch.Generator`` so one seed gives one posterior sample p
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from .errors import AmbientMRIError, ConfigError
 from .masks import draw_training_further_masks, further_masks_within
 from .operators import InpaintOp, SenseOp, conjugate_gradient
 
@@ -380,3 +383,131 @@ def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Te
     if dev.type == "cuda":
         torch.cuda.synchronize()
     return Posterior(out.detach().reshape(K, B, H, W), nfe(method, steps), time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prior samples of a trained model (``ambient-mri sample`` and the trainer's sample grids)
+
+
+def training_maps(data_root, n: int, *, shape=None, seed: int = 0) -> tuple:
+    """Coil maps of ``n`` training slices drawn at random (seeded) from the prepared files in ``data_root``:
+    ``(maps (n, C, H, W) complex64, [(file name, slice), ...])``. A missing folder, no readable ``maps``,
+    or maps of another matrix than ``shape`` raise a one-line :class:`AmbientMRIError`."""
+    import h5py
+    import numpy as np
+
+    root = Path(data_root)
+    files = sorted(p for p in root.glob("*.h5") if not p.name.startswith(".")) if root.is_dir() else []
+    counts = []
+    for p in files:
+        try:
+            with h5py.File(p, "r") as f:
+                if "maps" in f and f["maps"].ndim == 4:
+                    counts.append((p, f["maps"].shape[0], f["maps"].shape))
+        except (OSError, RuntimeError, KeyError, ValueError):
+            continue
+    if not counts:
+        raise AmbientMRIError(f"{root}: no prepared files with coil maps (the prior sampler of a k-space model needs "
+                              "the training maps: give --maps-from PREPARED_TRAIN_DIR)")
+    if shape is not None and tuple(counts[0][2][-2:]) != tuple(shape):
+        raise AmbientMRIError(f"{counts[0][0]}: coil maps are {tuple(counts[0][2][-2:])}, the model's matrix is "
+                              f"{tuple(shape)}")
+    index = [(p, s) for p, S, _ in counts for s in range(S)]
+    pick = np.random.default_rng(int(seed)).integers(0, len(index), size=n)
+    out, names = [], []
+    for i in pick:
+        p, s = index[int(i)]
+        with h5py.File(p, "r") as f:
+            m = f["maps"][s]
+        if m.shape != counts[0][2][1:]:
+            raise AmbientMRIError(f"{p}: coil maps of shape {m.shape} differ from {counts[0][2][1:]} in "
+                                  f"{counts[0][0].name}")
+        out.append(m)
+        names.append((p.name, s))
+    maps = torch.from_numpy(np.stack(out).astype(np.complex64))
+    if not torch.isfinite(torch.view_as_real(maps)).all():
+        raise AmbientMRIError(f"{root}: coil maps hold NaN or Inf")
+    return maps, names
+
+
+def draw_prior_samples(denoiser, corruption: dict, n: int, *, steps: int = 18, seed: int = 0, batch: int | None = None,
+                       device="cpu", progress: bool = False, maps=None):
+    """``n`` prior samples ``(n, H, W)`` complex64 (CPU) and the further masks they used (``(n, h, W)`` bool;
+    all ones for oracle/naive models).
+
+    ``M~`` of sample ``i`` is ``masks.draw_training_further_masks(corruption, n, seed=seed)[i]``, held fixed
+    over the steps; the noise comes from one ``torch.Generator(device)`` seeded with ``seed`` and consumed
+    batch after batch (so the samples depend on ``batch``). Per batch of ``b`` samples this calls
+    :func:`prior_sample` ``(denoiser, View(domain, M~[i:i+b]), (b, H, W), steps=steps, generator=g)`` with
+    ``domain`` = ``corruption["domain"]`` (``kspace``: ``View("kspace", M~, maps[i:i+b])``, the view
+    ``S^H F^-1 M~ F S x`` a k-space model was trained on; ``image``; ``clean``: ``View("clean")``).
+
+    ``maps``: ``(n, C, H, W)`` coil maps for a k-space model (:func:`training_maps`). ``None`` means
+    single-coil identity maps, correct only for a model trained on single-coil data.
+    """
+    from tqdm import tqdm
+
+    H, W = corruption["shape"]
+    domain = corruption.get("domain", "kspace")
+    try:
+        fmasks = draw_training_further_masks(corruption, n, seed=seed)
+    except (KeyError, TypeError, ValueError, ConfigError) as e:
+        raise AmbientMRIError(f"cannot redraw the training further masks from the recorded corruption "
+                              f"{corruption} ({' '.join(str(e).split())[:120]})") from None
+    batch = batch or n
+    device = torch.device(device)
+    g = torch.Generator(device=device).manual_seed(int(seed))
+    out = []
+    bar = tqdm(total=n, desc="prior samples", unit="img", disable=not progress, leave=False)
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            m = fmasks[start : start + batch].to(device)
+            mb = None if maps is None or domain != "kspace" else maps[start : start + batch].to(device)
+            view = View("clean") if domain == "clean" else View(domain, m.float(), mb)
+            x = prior_sample(denoiser, view, (len(m), H, W), steps=steps, generator=g, device=device)
+            out.append(x.detach().to("cpu", torch.complex64))
+            bar.update(len(m))
+    bar.close()
+    return torch.cat(out), fmasks
+
+
+def magnitude_grid(samples, ncol: int | None = None, pad: int = 2):
+    """``(N, H, W)`` complex -> uint8 ``(rows (H + pad), cols (W + pad))`` grid of magnitudes, each image
+    scaled by its own 99.5th percentile."""
+    import numpy as np
+
+    x = np.abs(np.asarray(samples))
+    n, H, W = x.shape
+    ncol = ncol or int(math.ceil(math.sqrt(n)))
+    nrow = int(math.ceil(n / ncol))
+    grid = np.zeros((nrow * (H + pad) + pad, ncol * (W + pad) + pad), dtype=np.float32)
+    for i in range(n):
+        r, c = divmod(i, ncol)
+        scale = np.percentile(x[i], 99.5)
+        img = np.clip(x[i] / scale, 0, 1) if scale > 0 and np.isfinite(scale) else np.zeros_like(x[i])
+        grid[pad + r * (H + pad) : pad + r * (H + pad) + H, pad + c * (W + pad) : pad + c * (W + pad) + W] = img
+    return (grid * 255 + 0.5).astype(np.uint8)
+
+
+def save_grid(samples, path, ncol: int | None = None) -> Path:
+    """Write :func:`magnitude_grid` as a PNG, atomically."""
+    from PIL import Image
+
+    from .fsutil import atomic_path
+
+    path = Path(path)
+    with atomic_path(path, ".png.tmp") as tmp:
+        Image.fromarray(magnitude_grid(samples, ncol)).save(tmp, format="PNG")
+    return path
+
+
+def sample_grid(denoiser, corruption: dict, path, n: int, *, steps: int = 18, seed: int = 0, device="cpu",
+                maps_from=None) -> Path:
+    """Draw ``n`` prior samples of a model (:func:`draw_prior_samples`) and save their magnitude grid as a PNG
+    at ``path``. A k-space model sees the coil maps of ``n`` training slices from the prepared folder
+    ``maps_from`` (:func:`training_maps`, seeded by ``seed``), as ``ambient-mri sample`` does."""
+    maps = None
+    if corruption.get("domain", "kspace") == "kspace":
+        maps, _ = training_maps(maps_from, n, shape=corruption["shape"], seed=seed)
+    x, _ = draw_prior_samples(denoiser, corruption, n, steps=steps, seed=seed, device=device, maps=maps)
+    return save_grid(x, path)

@@ -7,8 +7,10 @@ One optimiser step on a batch of measured k-space ``y = M F S x0`` (``loss.kind 
     loss = mean_b lambda(sigma_eff) ||M F S D(A~^H A~ x_t; sigma, M~) - y||^2 / (H W)   (losses.ambient_kspace_loss)
 
 with ``ambient_image_loss`` for pixel/box corruption and the plain ``edm_loss`` for the oracle (FS-EDM,
-fully sampled references) and the naive baselines (ZF-/L1-EDM). Adam/AdamW with linear warm-up, gradient
-clipping, an EDM-style EMA, bf16/fp16 autocast on GPU, DDP under ``torchrun``.
+fully sampled references) and the naive baselines (ZF-/L1-EDM); ``losses.build_loss`` gives the object of
+``loss.kind`` and the loop calls ``loss(denoiser, batch, generator)`` whatever the kind. Adam/AdamW with
+linear warm-up, gradient clipping, an EDM-style EMA, bf16/fp16 autocast on GPU, DDP under ``torchrun``
+(processes and devices: ``distributed``; log, metrics, checkpoint policy and stop requests: ``runlog``).
 
 Determinism: the batch of step ``t`` is fixed by (seed, epoch) through a ``DistributedSampler``, and the
 noise levels, noise, further masks and dropout of step ``t`` come from generators seeded by
@@ -17,12 +19,8 @@ noise levels, noise, further masks and dropout of step ``t`` come from generator
 
 from __future__ import annotations
 
-import csv
-import gc
-import hashlib
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -31,87 +29,17 @@ from pathlib import Path
 import click
 
 from . import __version__
-from .config import (CLEAN_KINDS, RESUMABLE_KEYS, Config, apply_overrides, changed_keys, dump_yaml, load_config)
-from .errors import AmbientMRIError, ConfigError, DataError
+from .config import CLEAN_KINDS, RESUMABLE_KEYS, Config, apply_overrides, changed_keys, dump_yaml, load_config
+from .distributed import (DistEnv, any_rank, batches_from, derived_seed, dist_env, gather, loss_denoiser,
+                          mean_over_ranks, resolve_device, setup_device, shut_down, step_sampler, wait_for)
+from .errors import ConfigError, DataError
+from .runlog import (LABELS, METRICS_COLUMNS, Checkpoints, RunLog, StopRequest, Window, describe_run,
+                     write_done)
 
-METRICS_COLUMNS = ("step", "loss", "lr", "images_per_s", "wall_s", "grad_norm")
-LABELS = {
-    "ambient": "ambient (k-space): trained on undersampled measurements only",
-    "ambient_image": "ambient (image domain): trained on corrupted images only",
-    "oracle": "ORACLE (FS-EDM): trained on fully sampled reference images, not an ambient model",
-    "naive_zf": "naive ZF-EDM baseline: plain EDM on zero-filled reconstructions",
-    "naive_l1": "naive L1-EDM baseline: plain EDM on L1-wavelet reconstructions",
-}
-
-
-def derived_seed(*parts) -> int:
-    """A 63-bit seed from any values (``derived_seed("noise", seed, rank, step)``), stable across runs."""
-    h = hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()
-    return int.from_bytes(h[:8], "little") >> 1
-
-
-@dataclass
-class DistEnv:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def dist_env() -> DistEnv:
-    """Rank, world size and local rank from ``torchrun``'s environment (defaults: one process)."""
-    try:
-        return DistEnv(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                       int(os.environ.get("LOCAL_RANK", 0)))
-    except ValueError:
-        raise ConfigError("RANK / WORLD_SIZE / LOCAL_RANK are not integers") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Data order
-
-
-def step_sampler(dataset, env: DistEnv, seed: int, batch: int):
-    """A ``DistributedSampler`` (shuffled by ``seed + epoch``, ``set_epoch``) that can start mid-epoch."""
-    from torch.utils.data import DistributedSampler
-
-    class StepSampler(DistributedSampler):
-        def __init__(self):
-            super().__init__(dataset, num_replicas=env.world, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
-            self.batch, self.start = batch, 0
-
-        @property
-        def batches_per_epoch(self) -> int:
-            return self.num_samples // self.batch
-
-        def __iter__(self):
-            idx = list(super().__iter__())[: self.batches_per_epoch * self.batch]
-            return iter(idx[self.start :])
-
-        def __len__(self):
-            return self.batches_per_epoch * self.batch - self.start
-
-    return StepSampler()
-
-
-def batches_from(loader, sampler, start_step: int):
-    """Yield the batch of every step from ``start_step`` on (epoch ``t // steps_per_epoch``, offset ``t % ...``)."""
-    spe = sampler.batches_per_epoch
-    step = start_step
-    while True:
-        epoch, offset = divmod(step, spe)
-        sampler.set_epoch(epoch)
-        sampler.start = offset * sampler.batch
-        for b in loader:
-            yield b
-            step += 1
+# public names; DistEnv, dist_env, derived_seed, resolve_device, loss_denoiser (distributed) and RunLog, LABELS,
+# METRICS_COLUMNS (runlog) moved out and stay importable from here (tests and benchmarks import them)
+__all__ = ["train", "command", "DistEnv", "dist_env", "derived_seed", "resolve_device", "loss_denoiser", "RunLog",
+           "LABELS", "METRICS_COLUMNS", "ema_beta", "lr_at", "autocast_hooks", "corruption_for", "check_against_data"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,139 +82,104 @@ def autocast_hooks(module, device_type: str, dtype):
     return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
 
 
-class _Call:
-    """The denoiser as the losses use it: calls go through ``module`` (the model, or its DDP wrapper, whose
-    forward synchronises the gradients), every attribute the losses read (``sigma_data``, ``sigma_eff``)
-    comes from the bare ``model``, so the loss weight is ``lambda(sigma_eff)``,
-    ``sigma_eff = sqrt(sigma^2 + sigma_view^2)``, whatever the wrapping."""
+@dataclass
+class TrainState:
+    """The network, its EMA, the optimiser (and the fp16 gradient scaler), the GPU autocast dtype (None:
+    fp32), the step and wall time the run starts from, and the ``--init`` record."""
 
-    def __init__(self, module, model):
-        self.module, self.model = module, model
-
-    def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
-    def __getattr__(self, name):  # only for names not set in __init__
-        if "model" not in self.__dict__:
-            raise AttributeError(name)
-        return getattr(self.__dict__["model"], name)
+    model: object
+    ema: object
+    opt: object
+    scaler: object = None
+    amp: object = None
+    start: int = 0
+    wall0: float = 0.0
+    init: dict | None = None
 
 
-def loss_denoiser(model, env: DistEnv, device):
-    """The model as every training step calls it: DDP-wrapped when distributed, inside a :class:`_Call`."""
-    net = model
-    if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+def build_state(cfg: Config, device, env: DistEnv, ck: dict | None = None, init=None, init_ck: dict | None = None):
+    """Model and EMA (the same initial weights on every rank: ``torch.manual_seed(train.seed)``), Adam(W)
+    (fused when available), then the weights of the resumed checkpoint ``ck`` or of ``--init``."""
+    import torch
 
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return _Call(net, model)
+    from .checkpoint import file_sha256, set_rng_state
+    from .networks import build_denoiser
 
-
-class _Stop:
-    """SIGINT / SIGTERM: the first one asks for a checkpoint and a clean exit after the current step. A second
-    one is ignored (torchrun follows a Ctrl-C with a SIGTERM to its workers, which must not cut the save
-    short); a third aborts at once (every checkpoint on disk stays complete: they are written atomically)."""
-
-    def __init__(self):
-        self.signal = None
-        self.count = 0
-        self._old = {}
-
-    def __enter__(self):
-        import threading
-
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.count += 1
-        if self.count >= 3:
-            raise KeyboardInterrupt
-        if self.signal is None:
-            self.signal = signal.Signals(signum).name
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-
-
-# ----------------------------------------------------------------------------------------------
-# Logging
-
-
-class RunLog:
-    """``RUN/train.log`` (text), ``RUN/metrics.csv`` and TensorBoard (when it imports); rank 0 only."""
-
-    def __init__(self, out: Path, enabled: bool, echo, resume_step: int | None):
-        self.out, self.enabled, self.echo = out, enabled, echo
-        self.tb = None
-        if not enabled:
-            return
-        self.metrics = out / "metrics.csv"
-        if resume_step is not None and self.metrics.exists():
-            self._truncate(resume_step)
-        new = not self.metrics.exists()
-        self._csv = open(self.metrics, "a", newline="")
-        self._writer = csv.writer(self._csv)
-        if new:
-            self._writer.writerow(METRICS_COLUMNS)
-            self._csv.flush()
-        self._log = open(out / "train.log", "a")
+    T = cfg.train
+    torch.manual_seed(T.seed)
+    model = build_denoiser(cfg.to_dict()["model"]).to(device)
+    ema = build_denoiser(cfg.to_dict()["model"]).to(device)
+    ema.load_state_dict(model.state_dict())
+    ema.eval().requires_grad_(False)
+    opt_cls = torch.optim.AdamW if T.optimizer == "adamw" else torch.optim.Adam
+    kw = dict(lr=T.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=T.weight_decay)
+    try:  # the fused kernel is several times faster than the per-tensor loop (CPU and GPU)
+        opt = opt_cls(model.parameters(), fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):
+        opt = opt_cls(model.parameters(), foreach=True, **kw)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(T.precision) if device.type == "cuda" else None
+    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
+    if amp is not None:
+        autocast_hooks(model.net, device.type, amp)
+    state = TrainState(model, ema, opt, scaler, amp)
+    if ck is not None:
+        model.load_state_dict(ck["model"])
+        ema.load_state_dict(ck["ema"])
+        opt.load_state_dict(ck["optimizer"])
+        if scaler is not None and ck.get("scaler"):
+            scaler.load_state_dict(ck["scaler"])
+        if ck.get("rng") and env.main:
+            set_rng_state(ck["rng"])
+        state.start, state.wall0 = int(ck["step"]), float(ck.get("wall_s", 0.0))
+        state.init = ck["training"].get("init")
+    elif init_ck is not None:
+        weights = "ema" if init_ck.get("ema") is not None else "model"
         try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(os.fspath(out / "tensorboard"))
-        except Exception:  # tensorboard not installed
-            self.tb = None
-
-    def _truncate(self, step: int):
-        from .fsutil import atomic_path
-
-        with open(self.metrics, newline="") as f:
-            rows = list(csv.reader(f))
-        keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
-        with atomic_path(self.metrics, ".csv.tmp") as tmp:
-            with open(tmp, "w", newline="") as f:
-                csv.writer(f).writerows(keep)
-
-    def info(self, msg: str):
-        if not self.enabled:
-            return
-        self.echo(msg)
-        self._log.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {msg}\n")
-        self._log.flush()
-
-    def metrics_row(self, row: dict):
-        if not self.enabled:
-            return
-        self._writer.writerow([_fmt(row.get(k)) for k in METRICS_COLUMNS])
-        self._csv.flush()
-        if self.tb is not None:
-            for k in ("loss", "lr", "images_per_s", "grad_norm"):
-                if row.get(k) is not None:
-                    self.tb.add_scalar(f"train/{k}", row[k], row["step"])
-
-    def close(self):
-        if not self.enabled:
-            return
-        self._csv.close()
-        self._log.close()
-        if self.tb is not None:
-            self.tb.close()
+            model.load_state_dict(init_ck[weights])
+        except RuntimeError as e:
+            raise ConfigError(f"--init: its weights do not fit this model config ({' '.join(str(e).split())[:160]})",
+                              init) from None
+        ema.load_state_dict(model.state_dict())
+        state.init = {"path": os.fspath(Path(init).resolve()), "sha256": file_sha256(init),
+                      "step": int(init_ck["step"]), "kind": init_ck["training"].get("kind"), "weights": weights}
+    return state
 
 
-def _fmt(v):
-    if v is None:
-        return ""
-    if isinstance(v, float):
-        return f"{v:.6g}"
-    return str(v)
+def optimizer_step(state: TrainState, loss, params: list, grad_clip: float) -> float | None:
+    """``backward`` (fp16: scaled), non-finite gradients zeroed (fp32), ``||g||`` clipped to ``grad_clip``,
+    one optimiser step. Returns ``||g||`` before clipping (None without clipping)."""
+    import torch
+
+    opt, scaler = state.opt, state.scaler
+    opt.zero_grad(set_to_none=True)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if scaler is not None:
+        scaler.unscale_(opt)
+    else:
+        for p in params:
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
+    gn = float(torch.nn.utils.clip_grad_norm_(params, grad_clip)) if grad_clip > 0 else None
+    if scaler is not None:
+        scaler.step(opt)
+        scaler.update()
+    else:
+        opt.step()
+    return gn
+
+
+def ema_update(ema, model, beta: float) -> None:
+    """``theta_ema <- beta theta_ema + (1 - beta) theta`` for the parameters; buffers copied."""
+    import torch
+
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - beta)
+        for b_e, b_m in zip(ema.buffers(), model.buffers()):
+            b_e.copy_(b_m)
 
 
 # ----------------------------------------------------------------------------------------------
-# The trainer
+# The run: config, data, then the loop
 
 
 def corruption_for(cfg: Config, info: dict) -> dict:
@@ -320,24 +213,6 @@ def check_against_data(cfg: Config, info: dict, root) -> None:
         raise DataError(f"image-domain data with unknown corruption {info.get('corruption')!r}", root)
 
 
-def resolve_device(name: str, env: DistEnv):
-    import torch
-
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("train.device=cuda but no CUDA device is available")
-    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
-        idx = env.local_rank if env.distributed else (torch.cuda.current_device() if torch.cuda.is_available() else 0)
-        return torch.device("cuda", idx)
-    return torch.device("cpu")
-
-
-def _wait_for(path: Path, what: str, timeout_s: float = 7 * 24 * 3600):
-    t0 = time.monotonic()
-    while not path.exists():
-        if time.monotonic() - t0 > timeout_s:
-            raise AmbientMRIError(f"gave up waiting for rank 0 to write {what}", path)
-        time.sleep(1.0)
-
 
 def _load_data(cfg: Config, root, out: Path, env: DistEnv, progress: bool):
     """The dataset of ``cfg.loss.kind``. Naive baselines: rank 0 computes the reconstructions (cached in the
@@ -345,12 +220,59 @@ def _load_data(cfg: Config, root, out: Path, env: DistEnv, progress: bool):
     from .datasets import NaiveDataset, build_dataset
 
     kw = dict(lam=cfg.loss.lam, l1_iters=cfg.loss.l1_iters, cache_mb=cfg.data.cache_mb)
-    if cfg.loss.kind in ("naive_zf", "naive_l1") and not env.main:
-        _wait_for(out / f".{NaiveDataset.cache_name(cfg.loss.kind.split('_')[1])}.ready", "the naive reconstructions")
+    naive = cfg.loss.kind in ("naive_zf", "naive_l1")
+    ready = out / f".{NaiveDataset.cache_name(cfg.loss.kind.split('_')[-1])}.ready"
+    if naive and not env.main:
+        wait_for(ready, "the naive reconstructions")
     ds = build_dataset(cfg.loss.kind, root, cache_dir=out, progress=progress and env.main, **kw)
-    if cfg.loss.kind in ("naive_zf", "naive_l1") and env.main:
-        (out / f".{NaiveDataset.cache_name(cfg.loss.kind.split('_')[1])}.ready").touch()
+    if naive and env.main:
+        ready.touch()
     return ds
+
+
+def _resume_checkpoint(out: Path, resume: bool, config, env: DistEnv, echo) -> dict | None:
+    """``--resume``: the newest complete checkpoint in ``out`` (None: start a new run there, if a config is given)."""
+    from .checkpoint import latest_checkpoint
+
+    if not resume:
+        return None
+    try:
+        found = latest_checkpoint(out, warn=echo if env.main else None)
+    except DataError as e:  # checkpoint files are there, and every one is refused: nothing to continue
+        raise DataError(f"--resume: {e.problem}", e.path) from None
+    if found is not None:
+        ck_path, ck = found
+        ck["training"]["resumed_from"] = os.fspath(ck_path)
+        return ck
+    if config is None:
+        raise ConfigError("--resume: no checkpoint in this run folder and no --config to start one", out)
+    if env.main:
+        echo(f"--resume: no checkpoint in {out} yet; starting a new run there")
+    return None
+
+
+def _resolve_config(config, overrides, ck: dict | None, out: Path) -> Config:
+    """The run's config: ``config`` + ``overrides``; when resuming, checked against the checkpoint's (only
+    :data:`config.RESUMABLE_KEYS` may change; ``config=None`` means the checkpoint's own)."""
+    if ck is None:
+        if config is None:
+            raise ConfigError("give --config (a YAML file or a packaged name such as tiny or cpu64)")
+        cfg = config if isinstance(config, Config) else load_config(config, overrides)
+        if isinstance(config, Config) and overrides:
+            cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
+        return cfg
+    base = ck["config"]
+    if config is not None:
+        given = config.to_dict() if isinstance(config, Config) else load_config(config, overrides).to_dict()
+    else:
+        given = apply_overrides(base, overrides)
+    if given.get("model", {}).get("sigma_view", 0) is None:  # "estimate" resumes with the recorded estimate
+        given["model"]["sigma_view"] = base["model"].get("sigma_view", 0.0)
+    cfg = Config.from_dict(given)
+    bad = [k for k in changed_keys(base, cfg.to_dict()) if k not in RESUMABLE_KEYS]
+    if bad:
+        raise ConfigError(f"cannot change {', '.join(bad)} when resuming (only {', '.join(sorted(RESUMABLE_KEYS))})", out)
+    return cfg
 
 
 def train(config, data=None, out=None, *, overrides=(), resume: bool = False, init=None, progress: bool = True,
@@ -361,9 +283,7 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     checkpoint's config is used). ``data``: the prepared folder (default on resume: the recorded one).
     ``overrides``: ``key=value`` strings. ``init``: a checkpoint whose (EMA) weights start the run.
     """
-    import torch
-
-    from .checkpoint import latest_checkpoint, load_checkpoint, remove_stale_temporaries
+    from .checkpoint import load_checkpoint, remove_stale_temporaries
     from .datasets import read_manifest
     from .fsutil import make_dir
 
@@ -372,41 +292,10 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     if out is None:
         raise ConfigError("give --out RUN (the run folder)")
     out = Path(out)
-    ck = None
-    if resume:
-        try:
-            found = latest_checkpoint(out, warn=echo if env.main else None)
-        except DataError as e:  # checkpoint files are there, and every one is refused: nothing to continue
-            raise DataError(f"--resume: {e.problem}", e.path) from None
-        if found is not None:
-            ck_path, ck = found
-            ck["training"]["resumed_from"] = os.fspath(ck_path)
-        elif config is None:
-            raise ConfigError("--resume: no checkpoint in this run folder and no --config to start one", out)
-        elif env.main:
-            echo(f"--resume: no checkpoint in {out} yet; starting a new run there")
+    ck = _resume_checkpoint(out, resume, config, env, echo)
     if init is not None and ck is not None:
         raise ConfigError("--init applies to a new run; a resumed run continues from its own checkpoint")
-
-    # ---- configuration
-    if ck is not None:
-        base = ck["config"]
-        if config is not None:
-            given = config.to_dict() if isinstance(config, Config) else load_config(config, overrides).to_dict()
-        else:
-            given = apply_overrides(base, overrides)
-        if given.get("model", {}).get("sigma_view", 0) is None:  # "estimate" resumes with the recorded estimate
-            given["model"]["sigma_view"] = base["model"].get("sigma_view", 0.0)
-        cfg = Config.from_dict(given)
-        bad = [k for k in changed_keys(base, cfg.to_dict()) if k not in RESUMABLE_KEYS]
-        if bad:
-            raise ConfigError(f"cannot change {', '.join(bad)} when resuming (only {', '.join(sorted(RESUMABLE_KEYS))})", out)
-    else:
-        if config is None:
-            raise ConfigError("give --config (a YAML file or a packaged name such as tiny or cpu64)")
-        cfg = config if isinstance(config, Config) else load_config(config, overrides)
-        if isinstance(config, Config) and overrides:
-            cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
+    cfg = _resolve_config(config, overrides, ck, out)
     if data is None:
         if ck is None:
             raise ConfigError("give --data PREPARED (the prepared dataset folder)")
@@ -442,307 +331,172 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
         raise ConfigError(f"the dataset has {len(dataset)} slices, fewer than one global batch "
                           f"({cfg.train.batch} x {env.world} processes)", data)
 
-    # ---- device, process group
-    device = resolve_device(cfg.train.device, env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    if env.distributed:
-        import datetime
-
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                    timeout=datetime.timedelta(minutes=60))
+    device = setup_device(cfg.train.device, env)
     log = RunLog(out, env.main, echo, resume_step=ck["step"] if ck is not None else None)
     try:
-        return _train_loop(cfg, dataset, info, corruption, data, out, env, device, ck, init, init_ck, log,
-                           progress, global_batch)
+        state = build_state(cfg, device, env, ck, init, init_ck)
+        meta = _training_meta(cfg, dataset, corruption, data, env, state, global_batch)
+        if env.main:
+            from .fsutil import atomic_path
+
+            with atomic_path(out / "config.yaml", ".yaml.tmp") as tmp:
+                tmp.write_text(dump_yaml(cfg.to_dict()))
+            (out / "done.json").unlink(missing_ok=True)
+        describe_run(log, cfg=cfg, meta=meta, data=data, device=device, env=env,
+                     resumed=None if ck is None else (state.start, ck["training"].get("resumed_from")),
+                     fp32_fallback=cfg.train.precision != "fp32" and state.amp is None)
+        return _train_loop(cfg, state, meta, dataset, data, out, env, device, log, progress)
     finally:
         log.close()
 
 
-def _train_loop(cfg, dataset, info, corruption, data, out, env, device, ck, init, init_ck, log, progress,
-                global_batch):
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from .checkpoint import file_sha256, params_sha256, rng_state, save_checkpoint, set_rng_state
-    from .datasets import collate, one_line
-    from .fsutil import atomic_path
-    from .losses import ambient_image_loss, ambient_kspace_loss, edm_loss, sample_sigma
-    from .masks import further_image_mask, further_kspace_mask
-    from .networks import build_denoiser
-
-    T = cfg.train
-    kind = cfg.loss.kind
-    seed = T.seed
-
-    # ---- model, EMA, optimiser (same initial weights on every rank)
-    torch.manual_seed(seed)
-    model = build_denoiser(cfg.to_dict()["model"]).to(device)
-    ema = build_denoiser(cfg.to_dict()["model"]).to(device)
-    ema.load_state_dict(model.state_dict())
-    ema.eval().requires_grad_(False)
-    opt_cls = torch.optim.AdamW if T.optimizer == "adamw" else torch.optim.Adam
-    try:  # the fused kernel is several times faster than the per-tensor loop (CPU and GPU)
-        opt = opt_cls(model.parameters(), lr=T.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=T.weight_decay,
-                      fused=True)
-    except (RuntimeError, TypeError, ValueError):
-        opt = opt_cls(model.parameters(), lr=T.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=T.weight_decay,
-                      foreach=True)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(T.precision) if device.type == "cuda" else None
-    scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
-    if amp is not None:
-        autocast_hooks(model.net, device.type, amp)
-    n_params = sum(p.numel() for p in model.parameters())
-
-    start, wall0 = 0, 0.0
-    training_init = None
-    if ck is not None:
-        model.load_state_dict(ck["model"])
-        ema.load_state_dict(ck["ema"])
-        opt.load_state_dict(ck["optimizer"])
-        if scaler is not None and ck.get("scaler"):
-            scaler.load_state_dict(ck["scaler"])
-        if ck.get("rng") and env.main:
-            set_rng_state(ck["rng"])
-        start, wall0 = int(ck["step"]), float(ck.get("wall_s", 0.0))
-        training_init = ck["training"].get("init")
-    elif init_ck is not None:
-        weights = "ema" if init_ck.get("ema") is not None else "model"
-        try:
-            model.load_state_dict(init_ck[weights])
-        except RuntimeError as e:
-            raise ConfigError(f"--init: its weights do not fit this model config ({' '.join(str(e).split())[:160]})",
-                              init) from None
-        ema.load_state_dict(model.state_dict())
-        training_init = {"path": os.fspath(Path(init).resolve()), "sha256": file_sha256(init),
-                         "step": int(init_ck["step"]), "kind": init_ck["training"].get("kind"), "weights": weights}
-
-    training_meta = {
+def _training_meta(cfg: Config, dataset, corruption: dict, data: Path, env: DistEnv, state: TrainState,
+                   global_batch: int) -> dict:
+    """``checkpoint["training"]``: what this model is (kind, label, the further-corruption distribution the
+    samplers redraw), what it was trained on (data folder, manifest hash) and how (ranks, precision, init)."""
+    info, kind = dataset.info, cfg.loss.kind
+    return {
         "kind": kind, "label": LABELS[kind], "corruption": corruption,
         "further_mask": "redraw" if cfg.loss.redraw else "fixed", "loss_domain": cfg.loss.domain,
         "data": {"root": os.fspath(data.resolve()), "manifest_sha256": dataset.manifest_sha256, "slices": len(dataset),
                  "split": info.get("split"), "domain": info.get("domain"), "shape": list(info["shape"]),
                  "coils": info.get("coils"), "mask_kind": info.get("mask_kind"), "accel": info.get("accel")},
-        "version": __version__, "world_size": env.world, "global_batch": global_batch, "init": training_init,
-        "precision": T.precision if amp is not None else "fp32", "params": n_params,
+        "version": __version__, "world_size": env.world, "global_batch": global_batch, "init": state.init,
+        "precision": cfg.train.precision if state.amp is not None else "fp32",
+        "params": sum(p.numel() for p in state.model.parameters()),
     }
 
-    # ---- bookkeeping files
-    if env.main:
-        with atomic_path(out / "config.yaml", ".yaml.tmp") as tmp:
-            tmp.write_text(dump_yaml(cfg.to_dict()))
-        (out / "done.json").unlink(missing_ok=True)
-    H, W = info["shape"]
-    log.info(f"{'resuming' if ck is not None else 'starting'} {cfg.name}: {LABELS[kind]}")
-    log.info(f"data {data} ({len(dataset)} slices, {H}x{W}, {info.get('coils')} coils, split {info.get('split')}, "
-             f"mask {info.get('mask_kind')} R={info.get('accel')}); model {n_params:,} parameters; device {device}; "
-             f"{env.world} process(es), global batch {global_batch}; precision {training_meta['precision']}")
-    if T.precision != "fp32" and amp is None:
-        log.info(f"train.precision={T.precision} applies on GPU only: running fp32 on {device.type}")
-    if kind in ("ambient", "ambient_image", "naive_zf", "naive_l1") and info.get("split") not in (None, "train"):
-        log.info(f"note: the data is a {info.get('split')} split; only its measured data are read, never a reference")
-    if kind == "oracle":
-        log.info("ORACLE: this model sees fully sampled references (ground truth); it is the FS-EDM upper baseline")
-    if training_init:
-        log.info(f"initialised from {training_init['path']} (step {training_init['step']}, {training_init['weights']} weights)")
-    if ck is not None:
-        log.info(f"resumed from step {start} ({ck['training'].get('resumed_from')})")
 
-    # ---- DDP
+def _payload(step: int, wall: float, *, state: TrainState, cfg: Config, meta: dict) -> dict:
+    """The checkpoint at ``step`` (``checkpoint.py`` lists the keys)."""
+    from .checkpoint import rng_state
+
+    return {"step": step, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
+            "optimizer": state.opt.state_dict(), "scaler": state.scaler.state_dict() if state.scaler is not None else None,
+            "rng": rng_state(), "config": cfg.to_dict(), "training": dict(meta, images_seen=step * meta["global_batch"]),
+            "version": __version__, "wall_s": wall}
+
+
+def _next_batch(batches, stopper: StopRequest):
+    """The next batch; None when a loader worker died of the same Ctrl-C; a data problem as one line."""
+    from .datasets import one_line
+
+    try:
+        return next(batches)
+    except Exception as e:
+        if stopper.signal is not None:
+            return None
+        if isinstance(e, DataError) or type(e).__name__ == "DataError":
+            raise DataError(one_line(e)) from None
+        raise
+
+
+def _sample_grid(ema, meta: dict, out: Path, step: int, T, device, log: RunLog) -> bool:
+    """``RUN/samples/step_{step}.png``: prior samples of the EMA model (k-space models with the coil maps of
+    training slices). A failure is logged and turns the grids off (returns False); training goes on."""
+    from .sampling import sample_grid
+
+    try:
+        p = sample_grid(ema, meta["corruption"], out / "samples" / f"step_{step:07d}.png", T.sample_n,
+                        steps=T.sample_steps, seed=T.seed, device=device, maps_from=meta["data"]["root"])
+    except Exception as e:  # sample grids are a by-product: never let them stop training
+        log.info(f"sample grids disabled: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
+        return False
+    log.info(f"step {step}: prior samples -> {p}")
+    return True
+
+
+def _train_loop(cfg: Config, state: TrainState, meta: dict, dataset, data: Path, out: Path, env: DistEnv, device,
+                log: RunLog, progress: bool) -> dict:
+    """Steps ``state.start .. train.steps``: batch, seeds of the step, loss, optimiser step, EMA, then the
+    metrics row, checkpoint and sample grid when due; a stop request saves and leaves after the step."""
+    import torch
+    from torch.utils.data import DataLoader
+    from tqdm import tqdm
+
+    from .checkpoint import params_sha256
+    from .datasets import collate
+    from .losses import build_loss
+
+    T, seed, global_batch = cfg.train, cfg.train.seed, meta["global_batch"]
+    model = state.model
     den = loss_denoiser(model, env, device)
-
-    # ---- data order
+    loss_fn = build_loss(cfg.loss, dataset.info, seed)
     sampler = step_sampler(dataset, env, seed, T.batch)
     loader = DataLoader(dataset, batch_size=T.batch, sampler=sampler, num_workers=T.num_workers, collate_fn=collate,
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=T.num_workers > 0)
-    batches = batches_from(loader, sampler, start)
-
-    # ---- the further mask
-    acs = None
-    if kind == "ambient":
-        acs = tuple(int(v) for v in info["acs"])
-        if info["mask_shape"][0] == 1:
-            acs = (1, acs[1])
-
-    def further(mask, index, g):
-        def draw(m, gen):
-            if kind == "ambient":
-                key = "further_accel" if cfg.loss.further_accel is not None else "delta"
-                return further_kspace_mask(m, acs, generator=gen, **{key: getattr(cfg.loss, key)})
-            return further_image_mask(m, info["corruption"], cfg.loss.delta, generator=gen)
-
-        if cfg.loss.redraw:
-            return draw(mask, g)
-        return torch.cat([draw(mask[i : i + 1], torch.Generator(device=device).manual_seed(
-            derived_seed("fixed-further-mask", seed, int(index[i])))) for i in range(len(mask))])
-
-    def step_loss(batch, g):
-        B = T.batch
-        sigma = sample_sigma(B, P_mean=cfg.loss.P_mean, P_std=cfg.loss.P_std, generator=g, device=device)
-        if kind == "ambient":
-            y, mask, maps = batch["kspace"], batch["mask"], batch["maps"]
-            per = ambient_kspace_loss(den, y, mask, maps, further(mask, batch["index"], g), sigma,
-                                      domain=cfg.loss.domain, generator=g)
-        elif kind == "ambient_image":
-            y, mask = batch["image"], batch["mask"]
-            per = ambient_image_loss(den, y, mask, further(mask, batch["index"], g), sigma, generator=g)
-        else:
-            per = edm_loss(den, batch["image"], sigma, generator=g)
-        return per.mean()
-
-    def payload(step, wall):
-        return {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "rng": rng_state(),
-                "config": cfg.to_dict(), "training": dict(training_meta, images_seen=step * global_batch),
-                "version": __version__, "wall_s": wall}
-
-    def save(step, wall):
-        if env.main:
-            return save_checkpoint(out, payload(step, wall), keep=T.keep)
-        return None
-
-    sampler_ok = T.sample_every > 0 and env.main
-
-    def sample_grid(step):
-        nonlocal sampler_ok
-        from .sampling_cli import draw_prior_samples, save_grid
-
-        try:
-            x, _ = draw_prior_samples(ema, corruption, T.sample_n, steps=T.sample_steps, seed=seed, device=device)
-            p = save_grid(x, out / "samples" / f"step_{step:07d}.png")
-        except Exception as e:  # sample grids are a by-product: never let them stop training
-            log.info(f"sample grids disabled: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
-            sampler_ok = False
-            return
-        log.info(f"step {step}: prior samples -> {p}")
-
+    batches = batches_from(loader, sampler, state.start)
+    ckpts = Checkpoints(out, env, every=T.ckpt_every, last=T.steps, keep=T.keep,
+                        payload=lambda step, wall: _payload(step, wall, state=state, cfg=cfg, meta=meta))
+    grids = T.sample_every > 0 and env.main
     params = [p for p in model.parameters() if p.requires_grad]
-    bar = tqdm(total=T.steps, initial=start, desc=f"{cfg.name} [{kind}]", unit="step",
+    bar = tqdm(total=T.steps, initial=state.start, desc=f"{cfg.name} [{cfg.loss.kind}]", unit="step",
                disable=not (progress and env.main), dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
-    window = {"loss": 0.0, "n": 0, "t": time.perf_counter(), "gn": 0.0}
-    stop = None
-    step = start
-    last_ckpt = None
-    with _Stop() as stopper:
+    wall = lambda: state.wall0 + time.perf_counter() - t_start  # noqa: E731
+    window = Window()
+    stop, step = None, state.start
+    with StopRequest() as stopper:
         while step < T.steps:
-            try:
-                batch = next(batches)
-            except Exception as e:
-                if stopper.signal is not None:  # a loader worker died of the same Ctrl-C
-                    break
-                if isinstance(e, DataError) or type(e).__name__ == "DataError":
-                    raise DataError(one_line(e)) from None
-                raise
+            batch = _next_batch(batches, stopper)
+            if batch is None:
+                break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             g = torch.Generator(device=device).manual_seed(derived_seed("noise", seed, env.rank, step))
             torch.manual_seed(derived_seed("dropout", seed, env.rank, step))
             lr = lr_at(T, step)
-            for group in opt.param_groups:
+            for group in state.opt.param_groups:
                 group["lr"] = lr
             model.train()
-            loss = step_loss(batch, g)
-            opt.zero_grad(set_to_none=True)
-            (scaler.scale(loss) if scaler is not None else loss).backward()
-            if scaler is not None:
-                scaler.unscale_(opt)
-            else:
-                for p in params:
-                    if p.grad is not None:
-                        torch.nan_to_num(p.grad, nan=0.0, posinf=1e5, neginf=-1e5, out=p.grad)
-            if T.grad_clip > 0:
-                gn = float(torch.nn.utils.clip_grad_norm_(params, T.grad_clip))
-                window["gn"] += gn
-            if scaler is not None:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            with torch.no_grad():
-                beta = ema_beta(T, (step + 1) * global_batch, global_batch)
-                e_p, m_p = list(ema.parameters()), list(model.parameters())
-                torch._foreach_lerp_(e_p, [p.detach() for p in m_p], 1.0 - beta)
-                for b_e, b_m in zip(ema.buffers(), model.buffers()):
-                    b_e.copy_(b_m)
+            loss = loss_fn(den, batch, g).mean()
+            gn = optimizer_step(state, loss, params, T.grad_clip)
+            ema_update(state.ema, model, ema_beta(T, (step + 1) * global_batch, global_batch))
             step += 1
-            window["loss"] += float(loss.detach())
-            window["n"] += 1
+            window.add(float(loss.detach()), gn)
             bar.update(1)
 
-            # stop request (every rank must agree on the step)
-            want = stopper.signal is not None
-            if env.distributed:
-                import torch.distributed as dist
-
-                flag = torch.tensor([1.0 if want else 0.0], device=device)
-                dist.all_reduce(flag)
-                want = flag.item() > 0
+            want = any_rank(stopper.signal is not None, env, device)  # every rank stops at the same step
             if step % T.log_every == 0 or step == T.steps or want:
-                now = time.perf_counter()
-                mean_loss = window["loss"] / max(window["n"], 1)
-                if env.distributed:
-                    import torch.distributed as dist
-
-                    t = torch.tensor([mean_loss], device=device, dtype=torch.float64)
-                    dist.all_reduce(t)
-                    mean_loss = float(t) / env.world
-                ips = window["n"] * global_batch / max(now - window["t"], 1e-9)
-                row = {"step": step, "loss": mean_loss, "lr": lr, "images_per_s": ips,
-                       "wall_s": wall0 + now - t_start,
-                       "grad_norm": window["gn"] / window["n"] if T.grad_clip > 0 and window["n"] else None}
-                log.metrics_row(row)
-                bar.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{ips:.1f}")
-                if not math.isfinite(mean_loss):
-                    log.info(f"step {step}: loss is {mean_loss} (non-finite gradients were zeroed)")
-                window = {"loss": 0.0, "n": 0, "t": time.perf_counter(), "gn": 0.0}
+                _metrics_row(log, bar, window, step, lr, T, env, device, global_batch, wall())
+                window = Window()
             if want:
                 stop = stopper.signal or "SIGTERM"
                 break
-            if step % T.ckpt_every == 0 or step == T.steps:
-                last_ckpt = save(step, wall0 + time.perf_counter() - t_start)
-            if sampler_ok and step % T.sample_every == 0:
-                sample_grid(step)
+            if ckpts.due(step):
+                ckpts.save(step, wall())
+            if grids and step % T.sample_every == 0:
+                grids = _sample_grid(state.ema, meta, out, step, T, device, log)
         if stop is not None or (stopper.signal is not None and step < T.steps):
             stop = stop or stopper.signal
-            last_ckpt = save(step, wall0 + time.perf_counter() - t_start)
+            ckpts.save(step, wall())
             log.info(f"{stop}: stopped at step {step}; checkpoint saved to {out / 'checkpoint.pt'}")
     bar.close()
 
     result = {"step": step, "interrupted": stop, "checkpoint": os.fspath(out / "checkpoint.pt"), "run": os.fspath(out),
-              "params_sha256": params_sha256(model), "ema_sha256": params_sha256(ema)}
-    hashes = [result["params_sha256"]]
-    if env.distributed:
-        import torch.distributed as dist
-
-        gathered = [None] * env.world
-        dist.all_gather_object(gathered, result["params_sha256"])
-        hashes = gathered
-        dist.barrier()
+              "params_sha256": params_sha256(model), "ema_sha256": params_sha256(state.ema)}
+    hashes = gather(result["params_sha256"], env)
     if env.main and stop is None:
-        from .fsutil import write_json
-
-        write_json(out / "done.json", {"step": step, "steps": T.steps, "world_size": env.world,
-                                       "params_sha256_per_rank": hashes, "ema_sha256": result["ema_sha256"],
-                                       "ranks_in_sync": len(set(hashes)) == 1, "checkpoint": result["checkpoint"],
-                                       "wall_s": wall0 + time.perf_counter() - t_start, "kind": kind})
+        write_done(out, step=step, steps=T.steps, world=env.world, hashes=hashes, ema_sha256=result["ema_sha256"],
+                   checkpoint=result["checkpoint"], wall_s=wall(), kind=cfg.loss.kind)
         log.info(f"done: step {step}, checkpoint {out / 'checkpoint.pt'}")
         if len(set(hashes)) != 1:
             log.info("WARNING: the ranks' weights differ at the end of training")
     result["params_sha256_per_rank"] = hashes
-    if env.distributed:
-        import torch.distributed as dist
-
-        del den, model
-        gc.collect()
-        dist.destroy_process_group()
+    del den, model, state
+    shut_down(env)
     return result
+
+
+def _metrics_row(log: RunLog, bar, window: Window, step: int, lr: float, T, env: DistEnv, device, global_batch: int,
+                 wall_s: float) -> None:
+    """One row of ``metrics.csv``: the loss averaged over the window's steps and over the ranks."""
+    mean_loss = mean_over_ranks(window.mean_loss, env, device)
+    ips = window.images_per_s(global_batch, time.perf_counter())
+    log.metrics_row({"step": step, "loss": mean_loss, "lr": lr, "images_per_s": ips, "wall_s": wall_s,
+                     "grad_norm": window.grad_norm / window.n if T.grad_clip > 0 and window.n else None})
+    bar.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{ips:.1f}")
+    if not math.isfinite(mean_loss):
+        log.info(f"step {step}: loss is {mean_loss} (non-finite gradients were zeroed)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -412,3 +412,100 @@ def test_autocast_hooks_keep_keys_and_return_fp32():
     assert seen == [torch.bfloat16] and y.dtype == torch.complex64
     y.abs().sum().backward()
     assert den.net.stem.weight.grad is not None and den.net.stem.weight.grad.dtype == torch.float32
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop against a plain re-implementation of its steps (docs/training.md), bit for bit on CPU
+
+
+def _seed_of(*parts):
+    """docs/training.md: the seed of a step is the first 8 bytes (little-endian) of sha256("a:b:c"), >> 1."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(":".join(str(p) for p in parts).encode()).digest()[:8], "little") >> 1
+
+
+def _plain_training(cfg, root, steps):
+    """What ``train`` is documented to do, written out step by step for one process: the initial weights of
+    ``torch.manual_seed(seed)``, Adam, batches in ``DistributedSampler(shuffle, seed, drop_last)`` order,
+    then per step ``t``: a generator seeded by ("noise", seed, 0, t) drawing sigma, then M~ (redrawn), then
+    eta; dropout seeded by ("dropout", seed, 0, t); lr with linear warm-up; gradients clipped to grad_clip;
+    EMA with EDM's half-life ramp-up. Returns the model and the EMA."""
+    from torch.utils.data import DistributedSampler
+
+    from ambient_mri.datasets import build_dataset, collate
+    from ambient_mri.masks import further_kspace_mask
+    from ambient_mri.networks import build_denoiser
+
+    T, L, seed = cfg["train"], cfg["loss"], cfg["train"]["seed"]
+    torch.manual_seed(seed)
+    model, ema = build_denoiser(cfg["model"]), build_denoiser(cfg["model"])
+    ema.load_state_dict(model.state_dict())
+    ema.requires_grad_(False)
+    try:
+        opt = torch.optim.Adam(model.parameters(), lr=T["lr"], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        opt = torch.optim.Adam(model.parameters(), lr=T["lr"], foreach=True)
+    ds = build_dataset("ambient", root)
+    order = DistributedSampler(ds, num_replicas=1, rank=0, shuffle=True, seed=seed, drop_last=True)
+    per_epoch = len(ds) // T["batch"]
+    for t in range(steps):
+        epoch, k = divmod(t, per_epoch)
+        order.set_epoch(epoch)  # reshuffled by seed + epoch
+        b = collate([ds[i] for i in list(order)[k * T["batch"] : (k + 1) * T["batch"]]])
+        g = torch.Generator().manual_seed(_seed_of("noise", seed, 0, t))
+        torch.manual_seed(_seed_of("dropout", seed, 0, t))
+        for group in opt.param_groups:
+            group["lr"] = T["lr"] * min(1.0, (t + 1) / T["warmup"])
+        model.train()
+        sigma = losses.sample_sigma(T["batch"], P_mean=L["P_mean"], P_std=L["P_std"], generator=g)
+        acs = (1, int(ds.info["acs"][1]))  # line masks: the ACS block is the centre columns
+        mt = further_kspace_mask(b["mask"], acs, delta=L["delta"], generator=g)
+        loss = losses.ambient_kspace_loss(model, b["kspace"], b["mask"], b["maps"], mt, sigma, generator=g).mean()
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), T["grad_clip"])
+        opt.step()
+        images = (t + 1) * T["batch"]
+        beta = 0.5 ** (T["batch"] / min(T["ema_halflife"], images * T["ema_rampup"]))
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), model.parameters()):
+                e.lerp_(p, 1.0 - beta)
+    return model, ema
+
+
+def test_training_loop_equals_a_plain_reimplementation_of_its_steps(tmp_path, data):
+    """The loss objects, the loop's RNG order (sigma, M~, eta from one generator per step; dropout seeded per
+    step), warm-up, clipping, EMA and the epoch change (8 slices, batch 4: step 3 starts epoch 1) give exactly
+    the weights of the plain loop above (bit for bit, CPU)."""
+    from ambient_mri.config import load_config
+
+    steps = 3
+    res = run(tmp_path / "run", data["train"], f"train.steps={steps}", "model.dropout=0.1", "train.warmup=2")
+    cfg = load_config("tiny", [f"train.steps={steps}", "model.dropout=0.1", "train.warmup=2"]).to_dict()
+    assert cfg["loss"]["kind"] == "ambient" and cfg["loss"]["redraw"] and cfg["train"]["optimizer"] == "adam"
+    model, ema = _plain_training(cfg, data["train"], steps)
+    assert params_sha256(model) == res["params_sha256"]
+    ck = load_checkpoint(tmp_path / "run" / LATEST)
+    for k, v in ema.state_dict().items():
+        assert torch.equal(ck["ema"][k], v), k
+    one_step_less, _ = _plain_training(cfg, data["train"], steps - 1)
+    assert params_sha256(one_step_less) != res["params_sha256"]  # the comparison can fail
+
+
+def test_sample_grids_of_a_multicoil_model_use_training_coil_maps(tmp_path, data, monkeypatch):
+    """Grids during training see S^H F^-1 M~ F S x with the maps of training slices (as ``sample`` does),
+    not single-coil identity maps: the maps in the view are those ``sampling.training_maps`` picks."""
+    from ambient_mri import sampling
+
+    seen = []
+    real = sampling.prior_sample
+    monkeypatch.setattr(sampling, "prior_sample", lambda den, view, shape, **kw: (seen.append(view),
+                                                                                  real(den, view, shape, **kw))[1])
+    run(tmp_path / "run", data["train"], "train.steps=2", "train.sample_every=2", "train.sample_n=3",
+        "train.sample_steps=2")
+    assert (tmp_path / "run" / "samples" / "step_0000002.png").is_file() and len(seen) == 1
+    maps, _ = sampling.training_maps(data["train"], 3, shape=(32, 32), seed=0)
+    assert seen[0].op.maps.shape == (3, 2, 32, 32) and torch.equal(seen[0].op.maps, maps)
+    with h5py.File(data["train"] / "vol_0.h5") as f:
+        assert np.allclose(maps[0].numpy(), f["maps"][0])  # write_prepared's maps: every slice has the same
