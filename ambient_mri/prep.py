@@ -408,7 +408,7 @@ def estimate_maps(kspace_acs: np.ndarray, calib: int, method: str = "espirit", m
     if method == "espirit-torch":
         import torch
 
-        from .espirit import espirit_maps_torch  # written by another module's owner
+        from .espirit import espirit_maps_torch
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
         maps = espirit_maps_torch(torch.from_numpy(k).to(dev), calib)

@@ -1,6 +1,6 @@
 """Seconds per slice of the classical baselines (zero-filled, CG-SENSE, L1-wavelet) on this machine.
 
-Data: ``ambient_mri.baselines.phantom_problem`` (Shepp-Logan with a smooth phase, birdcage coil maps
+Data: ``tests/phantom.py: phantom_problem`` (Shepp-Logan with a smooth phase, birdcage coil maps
 normalised to sum |S|^2 = 1, seeded Poisson-disc mask, complex noise). zero-filled and CG-SENSE run
 batched over ``--slices`` slices (torch); L1-wavelet runs slice by slice (sigpy), its step-size power
 iteration included. Each timing is the median of ``--repeats`` runs after one warm-up run, divided by
@@ -18,6 +18,10 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the test fixture tests/phantom.py
+from tests.phantom import phantom_problem  # noqa: E402
 
 
 def _cpu_name() -> str:
@@ -87,7 +91,7 @@ def main(argv=None) -> None:
 
     rows = []
     for n in args.sizes:
-        p = B.phantom_problem((n, n), coils=args.coils, accel=args.accel, mask_kind="poisson",
+        p = phantom_problem((n, n), coils=args.coils, accel=args.accel, mask_kind="poisson",
                               noise=args.noise, slices=max(args.slices, args.l1_slices), seed=args.seed)
         yb, mb, sb = p["y"][: args.slices], p["maps"][: args.slices], p["mask"][: args.slices]
         yl, ml, sl = p["y"][: args.l1_slices], p["maps"][: args.l1_slices], p["mask"][: args.l1_slices]

@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from ambient_mri import baselines as B
+from tests.phantom import phantom_problem
 from ambient_mri import metrics as M
 from ambient_mri.errors import ConfigError, DataError
 from ambient_mri.operators import SenseOp
@@ -11,7 +12,7 @@ from ambient_mri.operators import SenseOp
 @pytest.fixture(scope="module")
 def poisson4():
     """64 x 64, 8 birdcage coils, Poisson-disc R = 4, noise std 0.01 (image peak 1), 2 slices."""
-    return B.phantom_problem((64, 64), coils=8, accel=4, mask_kind="poisson", noise=0.01, slices=2, seed=0)
+    return phantom_problem((64, 64), coils=8, accel=4, mask_kind="poisson", noise=0.01, slices=2, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_zero_filled_is_the_adjoint(poisson4):
 
 
 def test_fully_sampled_recovers_image():
-    p = B.phantom_problem((32, 32), coils=8, accel=1, mask_kind="poisson", noise=0.0, seed=3)
+    p = phantom_problem((32, 32), coils=8, accel=1, mask_kind="poisson", noise=0.0, seed=3)
     assert bool(p["mask"].all())
     x = p["x"]
     err = lambda r: (torch.linalg.vector_norm(r - x) / torch.linalg.vector_norm(x)).item()  # noqa: E731
@@ -68,14 +69,14 @@ def test_data_consistency(poisson4, recons):
     assert dc["zf"].shape == (2,)
     assert torch.all(dc["cg"] < 0.5 * dc["zf"]), dc
     # the true image is consistent up to the noise only; noiseless data: exactly
-    clean = B.phantom_problem((32, 32), accel=4, noise=0.0, seed=1)
+    clean = phantom_problem((32, 32), accel=4, noise=0.0, seed=1)
     dc0 = B.data_consistency(clean["x"], clean["y"], clean["maps"], clean["mask"])
     assert dc0.item() < 1e-5
 
 
 def test_cg_sense_matches_sigpy_sense_recon():
     mr = pytest.importorskip("sigpy.mri")
-    p = B.phantom_problem((48, 48), coils=8, accel=4, mask_kind="adps", noise=0.01, seed=2)
+    p = phantom_problem((48, 48), coils=8, accel=4, mask_kind="adps", noise=0.01, seed=2)
     y, maps, m = p["y"].to(torch.complex128), p["maps"].to(torch.complex128), p["mask"]
     w = np.broadcast_to(m[0].numpy(), (48, 48)).astype(np.float64)
     for lam in (0.0, 0.05):
@@ -93,7 +94,7 @@ def test_cg_sense_slices_are_independent(poisson4):
 
 
 def test_l1_wavelet_is_deterministic_and_lam_matters():
-    p = B.phantom_problem((32, 32), accel=3, noise=0.02, seed=4)
+    p = phantom_problem((32, 32), accel=3, noise=0.02, seed=4)
     a = B.l1_wavelet(p["y"], p["maps"], p["mask"], lam=1e-2, iters=20)
     b = B.l1_wavelet(p["y"], p["maps"], p["mask"], lam=1e-2, iters=20)
     assert torch.equal(a, b)
@@ -108,7 +109,7 @@ def test_max_eig_of_normalised_sense_is_about_one(poisson4):
 
 
 def test_choose_lambda_interior_and_deterministic():
-    val = B.phantom_problem((64, 64), accel=4, noise=0.02, slices=1, seed=5)  # "validation" slice
+    val = phantom_problem((64, 64), accel=4, noise=0.02, slices=1, seed=5)  # "validation" slice
     cands = (1e-5, 1e-3, 1e-2, 1e-1)
     kw = dict(val_y=val["y"], val_maps=val["maps"], val_mask=val["mask"], val_reference=val["x"],
               candidates=cands, iters=50)
@@ -127,7 +128,7 @@ def test_choose_lambda_interior_and_deterministic():
 
 
 def test_errors():
-    p = B.phantom_problem((16, 16), accel=2, noise=0.0, seed=0)
+    p = phantom_problem((16, 16), accel=2, noise=0.0, seed=0)
     with pytest.raises(DataError, match="empty"):
         B.zero_filled(p["y"], p["maps"], torch.zeros(16, dtype=torch.bool))
     with pytest.raises(DataError, match="maps"):

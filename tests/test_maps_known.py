@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ambient_mri import baselines as B
+from tests.phantom import phantom_problem
 from ambient_mri import metrics as M
 from ambient_mri.coils import acs_kspace
 from ambient_mri.errors import ConfigError
@@ -36,7 +37,7 @@ def map_correlation(est, true, inside):
 def problem():
     """64 x 64, 8 birdcage coils (sum_c |S_c|^2 = 1), 2-D Poisson R = 8 with an 8 x 8 calibration block,
     complex noise std 0.005 (image peak 1), 2 slices."""
-    return B.phantom_problem((N, N), coils=COILS, accel=R, mask_kind="poisson", noise=NOISE, slices=2, seed=0)
+    return phantom_problem((N, N), coils=COILS, accel=R, mask_kind="poisson", noise=NOISE, slices=2, seed=0)
 
 
 def estimated(y, mask, method):

@@ -105,7 +105,7 @@ def test_dc_sampler_consistent_with_data_and_posterior_spread():
     assert torch.equal(again.samples, post.samples)
 
 
-def test_adps_improves_on_zero_filled_and_fits_data():
+def test_adps_fits_data_and_errs_like_an_independent_posterior_sample():
     x0, y, maps, m, A = problem(b=4, seed=3)
     D = GaussianDenoiser()
     # the normalised DPS step moves x by about 2 l per step whatever the image size, so l = 1 (tuned by A-DPS
