@@ -83,7 +83,8 @@ class LossConfig:
     per slice for the whole run (seeded by the slice index). ``domain``: compare in k-space
     (``||M F S D - y||^2``) or in the image domain (``||A^H (A D - y)||^2``, the reference code's form).
     ``P_mean``/``P_std``: EDM's log-normal noise levels. ``lam``/``l1_iters``: L1-wavelet settings for
-    ``naive_l1``.
+    ``naive_l1``. ``weight``: ``edm`` (EDM's ``lambda(sigma)``, default) or ``effective``
+    (``lambda(sigma_eff)``); see ``losses.loss_weight`` and docs/training.md.
     """
 
     kind: str = "ambient"
@@ -95,8 +96,11 @@ class LossConfig:
     P_std: float = 1.2
     lam: float = 1e-3
     l1_iters: int = 100
+    weight: str = "edm"
 
     def check(self):
+        if self.weight not in ("edm", "effective"):
+            raise ConfigError(f"loss.weight must be edm or effective (got {self.weight!r})")
         if self.kind not in LOSS_KINDS:
             raise ConfigError(f"loss.kind must be one of {', '.join(LOSS_KINDS)} (got {self.kind!r})")
         if self.domain not in ("kspace", "image"):

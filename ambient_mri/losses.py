@@ -39,13 +39,24 @@ def edm_weight(sigma: torch.Tensor, sigma_data: float) -> torch.Tensor:
     return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
 
 
-def loss_weight(denoiser, sigma: torch.Tensor) -> torch.Tensor:
-    """``lambda(sigma_eff)`` for ``denoiser``: EDM's weight at the noise level its preconditioning assumes,
-    ``sigma_eff = denoiser.sigma_eff(sigma)`` (``sqrt(sigma^2 + sigma_view^2)``, see ``networks.EDMDenoiser``).
+WEIGHTS = ("edm", "effective")
 
-    Every denoiser the losses take has ``sigma_data`` and ``sigma_eff``; one without is an error, not a
-    silent ``lambda(sigma)`` (a wrapper that hid ``sigma_eff`` once trained models with the wrong weight)."""
-    return edm_weight(denoiser.sigma_eff(sigma), denoiser.sigma_data)
+
+def loss_weight(denoiser, sigma: torch.Tensor, weight: str = "edm") -> torch.Tensor:
+    """The loss weight (config ``loss.weight``): ``"edm"`` is EDM's ``lambda(sigma)`` at the drawn noise level;
+    ``"effective"`` is ``lambda(sigma_eff)``, EDM's weight at the level the preconditioning assumes,
+    ``sigma_eff = denoiser.sigma_eff(sigma)`` (``sqrt(sigma^2 + sigma_view^2)``, ``networks.EDMDenoiser``).
+    The two agree when ``sigma_view = 0``; the minimiser is the same, only the emphasis over noise levels
+    differs (docs/training.md says which is trained by default and why).
+
+    Every denoiser the losses take has ``sigma_data`` and ``sigma_eff``; one without is an error (a wrapper
+    that hid ``sigma_eff`` once trained models with an undocumented weight)."""
+    if weight == "edm":
+        denoiser.sigma_eff  # the same contract for both weights  # noqa: B018
+        return edm_weight(sigma, denoiser.sigma_data)
+    if weight == "effective":
+        return edm_weight(denoiser.sigma_eff(sigma), denoiser.sigma_data)
+    raise ValueError(f"loss weight must be one of {', '.join(WEIGHTS)}, got {weight!r}")
 
 
 def _complex_noise(like: torch.Tensor, generator=None) -> torch.Tensor:
@@ -65,7 +76,7 @@ def ambient_input(y: torch.Tensor, maps: torch.Tensor, further_mask: torch.Tenso
 
 def ambient_kspace_loss(denoiser, y: torch.Tensor, mask: torch.Tensor, maps: torch.Tensor,
                         further_mask: torch.Tensor, sigma: torch.Tensor, *, eta: torch.Tensor | None = None,
-                        domain: str = "kspace", generator=None) -> torch.Tensor:
+                        domain: str = "kspace", weight: str = "edm", generator=None) -> torch.Tensor:
     """Ambient k-space loss, ``(B,)``.
 
     ``y``: measured k-space ``(B, C, H, W)``, zero where ``mask`` is 0; ``mask``: training mask M
@@ -87,11 +98,12 @@ def ambient_kspace_loss(denoiser, y: torch.Tensor, mask: torch.Tensor, maps: tor
     elif domain != "kspace":
         raise ValueError(f"domain must be 'kspace' or 'image', got {domain!r}")
     H, W = y.shape[-2:]
-    return loss_weight(denoiser, sigma) * r.abs().pow(2).flatten(1).sum(1) / (H * W)
+    return loss_weight(denoiser, sigma, weight) * r.abs().pow(2).flatten(1).sum(1) / (H * W)
 
 
 def ambient_image_loss(denoiser, y: torch.Tensor, mask: torch.Tensor, further_mask: torch.Tensor,
-                       sigma: torch.Tensor, *, eta: torch.Tensor | None = None, generator=None) -> torch.Tensor:
+                       sigma: torch.Tensor, *, eta: torch.Tensor | None = None, weight: str = "edm",
+                       generator=None) -> torch.Tensor:
     """Image-domain ambient loss (pixel or box corruption), ``(B,)``: ``y = M x0`` ``(B, H, W)``,
     ``D = denoiser(M~ (y + sigma eta), sigma, M~)``, loss ``lambda ||M (D - y)||^2 / (H W)``."""
     if eta is None:
@@ -99,11 +111,11 @@ def ambient_image_loss(denoiser, y: torch.Tensor, mask: torch.Tensor, further_ma
     x_in = further_mask * (y + sigma[:, None, None] * eta)
     D = denoiser(x_in, sigma, further_mask)
     H, W = y.shape[-2:]
-    return loss_weight(denoiser, sigma) * (mask * (D - y)).abs().pow(2).flatten(1).sum(1) / (H * W)
+    return loss_weight(denoiser, sigma, weight) * (mask * (D - y)).abs().pow(2).flatten(1).sum(1) / (H * W)
 
 
 def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, eta: torch.Tensor | None = None,
-             generator=None) -> torch.Tensor:
+             weight: str = "edm", generator=None) -> torch.Tensor:
     """Plain EDM loss on images ``x (B, H, W)``, ``(B,)``: ``lambda ||D(x + sigma eta; sigma) - x||^2 / (H W)``.
 
     The denoiser gets no mask (its mask channel, if any, reads as fully observed)."""
@@ -111,7 +123,7 @@ def edm_loss(denoiser, x: torch.Tensor, sigma: torch.Tensor, *, eta: torch.Tenso
         eta = _complex_noise(x, generator)
     D = denoiser(x + sigma[:, None, None] * eta, sigma, None)
     H, W = x.shape[-2:]
-    return loss_weight(denoiser, sigma) * (D - x).abs().pow(2).flatten(1).sum(1) / (H * W)
+    return loss_weight(denoiser, sigma, weight) * (D - x).abs().pow(2).flatten(1).sum(1) / (H * W)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,12 +150,12 @@ class FurtherMask:
 class EDMLoss:
     """Plain EDM on ``batch["image"] (B, H, W)`` (:func:`edm_loss`): the FS-EDM oracle and the naive baselines."""
 
-    def __init__(self, *, P_mean: float = -1.2, P_std: float = 1.2):
-        self.P_mean, self.P_std = float(P_mean), float(P_std)
+    def __init__(self, *, P_mean: float = -1.2, P_std: float = 1.2, weight: str = "edm"):
+        self.P_mean, self.P_std, self.weight = float(P_mean), float(P_std), weight
 
     @classmethod
     def from_config(cls, loss, info: dict, seed: int):
-        return cls(P_mean=loss.P_mean, P_std=loss.P_std)
+        return cls(P_mean=loss.P_mean, P_std=loss.P_std, weight=loss.weight)
 
     def sigma(self, like: torch.Tensor, generator) -> torch.Tensor:
         """``(B,)`` noise levels on ``like``'s device (:func:`sample_sigma`)."""
@@ -151,14 +163,15 @@ class EDMLoss:
 
     def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
         x = batch["image"]
-        return edm_loss(denoiser, x, self.sigma(x, generator), generator=generator)
+        return edm_loss(denoiser, x, self.sigma(x, generator), weight=self.weight, generator=generator)
 
 
 class AmbientKspaceLoss(EDMLoss):
     """:func:`ambient_kspace_loss` on ``batch["kspace"], ["mask"], ["maps"]``, ``M~`` from ``further``."""
 
-    def __init__(self, further: FurtherMask, *, domain: str = "kspace", P_mean: float = -1.2, P_std: float = 1.2):
-        super().__init__(P_mean=P_mean, P_std=P_std)
+    def __init__(self, further: FurtherMask, *, domain: str = "kspace", P_mean: float = -1.2, P_std: float = 1.2,
+                 weight: str = "edm"):
+        super().__init__(P_mean=P_mean, P_std=P_std, weight=weight)
         self.further, self.domain = further, domain
 
     @classmethod
@@ -173,20 +186,20 @@ class AmbientKspaceLoss(EDMLoss):
         key = "further_accel" if loss.further_accel is not None else "delta"
         draw = partial(further_kspace_mask, acs=acs, **{key: getattr(loss, key)})
         return cls(FurtherMask(draw, redraw=loss.redraw, seed=seed), domain=loss.domain, P_mean=loss.P_mean,
-                   P_std=loss.P_std)
+                   P_std=loss.P_std, weight=loss.weight)
 
     def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
         y, mask = batch["kspace"], batch["mask"]
         sigma = self.sigma(y, generator)
         return ambient_kspace_loss(denoiser, y, mask, batch["maps"], self.further(mask, batch["index"], generator),
-                                   sigma, domain=self.domain, generator=generator)
+                                   sigma, domain=self.domain, weight=self.weight, generator=generator)
 
 
 class AmbientImageLoss(EDMLoss):
     """:func:`ambient_image_loss` on ``batch["image"], ["mask"]``, ``M~`` from ``further``."""
 
-    def __init__(self, further: FurtherMask, *, P_mean: float = -1.2, P_std: float = 1.2):
-        super().__init__(P_mean=P_mean, P_std=P_std)
+    def __init__(self, further: FurtherMask, *, P_mean: float = -1.2, P_std: float = 1.2, weight: str = "edm"):
+        super().__init__(P_mean=P_mean, P_std=P_std, weight=weight)
         self.further = further
 
     @classmethod
@@ -195,13 +208,14 @@ class AmbientImageLoss(EDMLoss):
         from .masks import further_image_mask
 
         draw = partial(further_image_mask, kind=info["corruption"], level=loss.delta)
-        return cls(FurtherMask(draw, redraw=loss.redraw, seed=seed), P_mean=loss.P_mean, P_std=loss.P_std)
+        return cls(FurtherMask(draw, redraw=loss.redraw, seed=seed), P_mean=loss.P_mean, P_std=loss.P_std,
+                   weight=loss.weight)
 
     def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
         y, mask = batch["image"], batch["mask"]
         sigma = self.sigma(y, generator)
         return ambient_image_loss(denoiser, y, mask, self.further(mask, batch["index"], generator), sigma,
-                                  generator=generator)
+                                  weight=self.weight, generator=generator)
 
 
 LOSSES = {"ambient": AmbientKspaceLoss, "ambient_image": AmbientImageLoss, "oracle": EDMLoss, "naive_zf": EDMLoss,

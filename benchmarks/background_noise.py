@@ -47,6 +47,9 @@ def main(argv=None):
                 if f.attrs.get("units", "prepared") != "prepared":
                     raise SystemExit(f"{d / p.name}: reconstruction is not in prepared units")
                 vals.append(background_std(ref, f["reconstruction"][()], a.frac))
+        if not vals:
+            print(f"{d}: no reconstructions of the reference files")
+            continue
         v = np.concatenate(vals)
         print(f"{d}: {np.nanmean(v):.4f} (+- {np.nanstd(v):.4f} over {np.isfinite(v).sum()} slices)")
 

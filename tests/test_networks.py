@@ -38,7 +38,7 @@ def test_preconditioning_coefficients(sigma_view):
     assert torch.equal(net.x[:, 2], mask.expand(2, 4, 6)) and torch.all(net.x[:, 3] == 1)  # not scaled
     assert torch.allclose(net.c_noise, sigma.log() / 4)  # the true noise level, also with sigma_view
     # the loss weight makes F's target unit-scaled: lambda(sigma_eff) c_out^2 = 1
-    assert torch.allclose(loss_weight(D, sigma) * c_out**2, torch.ones(2))
+    assert torch.allclose(loss_weight(D, sigma, "effective") * c_out**2, torch.ones(2))
     if sigma_view == 0:
         assert torch.allclose(loss_weight(D, sigma), edm_weight(sigma, 0.5))
 
@@ -91,8 +91,10 @@ def test_trainer_wrapper_weights_with_sigma_eff(sigma_view):
     model = build_denoiser({"channels": [8, 8], "groups": 4, "sigma_view": sigma_view})
     den = loss_denoiser(model, DistEnv(), torch.device("cpu"))  # exactly as train._train_loop builds it
     sigma = torch.tensor([0.002, 0.05, 1.0], dtype=torch.float64)
-    w = loss_weight(den, sigma)
+    w = loss_weight(den, sigma, "effective")
     assert torch.allclose(w, closed_form_weight(sigma, sigma_view), rtol=1e-12)
+    # the default (loss.weight = edm) is EDM's lambda(sigma) at the drawn level, whatever sigma_view
+    assert torch.allclose(loss_weight(den, sigma), closed_form_weight(sigma, 0.0), rtol=1e-12)
     if sigma_view:  # at sigma = 0.002: 4 + 1 / 0.090004 = 15.11, not lambda(sigma) = 250004
         assert abs(w[0].item() - 15.11) < 0.01 and edm_weight(sigma, 0.5)[0].item() > 2.5e5
     x = torch.randn(3, 8, 8, dtype=torch.complex64)
@@ -114,7 +116,7 @@ def test_trainer_wrapper_under_ddp_weights_with_sigma_eff(tmp_path):
         den = loss_denoiser(model, DistEnv(rank=0, world=2), torch.device("cpu"))
         assert type(den.module).__name__ == "DistributedDataParallel" and not hasattr(den.module, "sigma_eff")
         sigma = torch.tensor([0.002, 0.5])
-        assert torch.allclose(loss_weight(den, sigma), closed_form_weight(sigma, 0.3).float())
+        assert torch.allclose(loss_weight(den, sigma, "effective"), closed_form_weight(sigma, 0.3).float())
     finally:
         dist.destroy_process_group()
 

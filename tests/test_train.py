@@ -160,9 +160,11 @@ def _centred_ifft2(a):
     return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(a, axes=(-2, -1)), norm="ortho"), axes=(-2, -1))
 
 
-def test_training_step_loss_is_the_documented_sigma_eff_weighted_error(tmp_path, data, monkeypatch):
-    """docs/training.md: loss = mean_b lambda(sigma_eff) ||M F S D(A~^H A~ x_t) - y||^2 / (H W) with
-    lambda(s) = (s^2 + sd^2) / (s sd)^2 and sigma_eff^2 = sigma^2 + sigma_view^2, recomputed here with numpy
+@pytest.mark.parametrize("weight", ["edm", "effective"])
+def test_training_step_loss_is_the_documented_weighted_error(tmp_path, data, monkeypatch, weight):
+    """docs/training.md: loss = mean_b lambda(s) ||M F S D(A~^H A~ x_t) - y||^2 / (H W) with
+    lambda(s) = (s^2 + sd^2) / (s sd)^2 at s = sigma (``loss.weight = edm``, the default) or at
+    s = sigma_eff, sigma_eff^2 = sigma^2 + sigma_view^2 (``effective``), recomputed here with numpy
     from what the trainer passed to its loss (the denoiser it built, the data, the masks and noise levels)."""
     sigma_view, sd = 0.3, 0.5
     calls = []
@@ -187,13 +189,15 @@ def test_training_step_loss_is_the_documented_sigma_eff_weighted_error(tmp_path,
 
     monkeypatch.setattr(losses, "ambient_kspace_loss", spy_loss)
     out = tmp_path / "w"
-    run(out, data["train"], "train.steps=3", "train.log_every=1", f"model.sigma_view={sigma_view}")
+    extra = [] if weight == "edm" else [f"loss.weight={weight}"]  # edm is the default
+    run(out, data["train"], "train.steps=3", "train.log_every=1", f"model.sigma_view={sigma_view}", *extra)
     assert len(calls) == 3
     logged = [float(r["loss"]) for r in metrics(out)]
-    for (per, expect, plain), row in zip(calls, logged):
-        np.testing.assert_allclose(per, expect, rtol=2e-4)
+    for (per, effective, plain), row in zip(calls, logged):
+        want, other = (plain, effective) if weight == "edm" else (effective, plain)
+        np.testing.assert_allclose(per, want, rtol=2e-4)
         np.testing.assert_allclose(row, per.mean(), rtol=1e-5)  # the logged loss is the batch mean
-        assert not np.allclose(per, plain, rtol=0.05)  # lambda(sigma) would be a different loss
+        assert not np.allclose(per, other, rtol=0.05)  # the other weight would be a different loss
 
 
 def test_oracle_and_naive_runs_are_labelled(tmp_path, data):
