@@ -51,11 +51,11 @@ def loss_weight(denoiser, sigma: torch.Tensor, weight: str = "edm") -> torch.Ten
 
     Every denoiser the losses take has ``sigma_data`` and ``sigma_eff``; one without is an error (a wrapper
     that hid ``sigma_eff`` once trained models with an undocumented weight)."""
+    sigma_eff = denoiser.sigma_eff  # required whichever weight is used
     if weight == "edm":
-        denoiser.sigma_eff  # the same contract for both weights  # noqa: B018
         return edm_weight(sigma, denoiser.sigma_data)
     if weight == "effective":
-        return edm_weight(denoiser.sigma_eff(sigma), denoiser.sigma_data)
+        return edm_weight(sigma_eff(sigma), denoiser.sigma_data)
     raise ValueError(f"loss weight must be one of {', '.join(WEIGHTS)}, got {weight!r}")
 
 
