@@ -1,0 +1,3 @@
+"""``ambient-mri demo`` (moving here from ``ambient_mri/demo.py``)."""
+
+from ..demo import command  # noqa: F401

@@ -1,0 +1,3 @@
+"""``ambient-mri recon`` (moving here from ``ambient_mri/recon.py``)."""
+
+from ..recon import command  # noqa: F401

@@ -1,0 +1,3 @@
+"""``ambient-mri train`` (moving here from ``ambient_mri/train.py``)."""
+
+from ..train import command  # noqa: F401
