@@ -12,10 +12,13 @@
 
 from __future__ import annotations
 
+import csv
 import time
 from pathlib import Path
 
-import click
+from .errors import DataError
+from .evaluate import run_eval
+from .fsutil import make_dir
 
 DEMO_CHECKPOINT = Path(__file__).with_name("assets") / "demo_ckpt.pt"
 TRAIN_ACCEL, TEST_ACCELS = 4.0, (4.0, 8.0)
@@ -54,8 +57,6 @@ def prepare_demo_data(out: Path, echo, t0, *, progress: bool) -> Path:
 
 def short_training(prep: Path, run: Path, steps: int, echo, t0, *, progress: bool) -> tuple[float, float]:
     """A short ambient run from scratch; returns the mean loss over the first and the last fifth of steps."""
-    import csv
-
     from .train import train
 
     _stage(echo, t0, f"train: {steps} ambient steps from scratch on the undersampled train split")
@@ -70,17 +71,14 @@ def short_training(prep: Path, run: Path, steps: int, echo, t0, *, progress: boo
 
 
 def run_demo(out, *, train_steps: int = 150, checkpoint=None, adps_steps: int = 100, dc_steps: int = 25,
-             samples: int = 1, progress: bool = False, echo=click.echo) -> dict:
+             samples: int = 1, progress: bool = False, echo=print) -> dict:
     """Run every stage; returns ``{"summary": [...], "markdown", "figures", "loss": (first, last), "seconds"}``."""
-    from .evaluate import run_eval
     from .recon import run_recon
-
-    from .fsutil import make_dir
 
     t0 = time.perf_counter()
     ckpt = Path(checkpoint) if checkpoint else DEMO_CHECKPOINT
     if not ckpt.exists():
-        raise click.ClickException(f"demo checkpoint {ckpt} is missing (reinstall the package)")
+        raise DataError("demo checkpoint is missing (reinstall the package)", ckpt)
     out = make_dir(out)  # an unwritable working folder: one line now, before any data are generated
     prep = prepare_demo_data(out, echo, t0, progress=progress)
     first, last = short_training(prep, out / "runs" / "short", train_steps, echo, t0, progress=progress)
@@ -112,29 +110,3 @@ def run_demo(out, *, train_steps: int = 150, checkpoint=None, adps_steps: int = 
     figures = [p for R in TEST_ACCELS for p in results[R]["figures"]]
     return {"summary": {R: results[R]["summary"] for R in TEST_ACCELS}, "markdown": md, "figures": figures,
             "loss": (first, last), "seconds": time.perf_counter() - t0}
-
-
-@click.command(name="demo")
-@click.option("--out", default="ambient_mri_demo", show_default=True, type=click.Path(file_okay=False),
-              help="Working folder (data, prepared splits, runs, reconstructions, report). Reused when rerun.")
-@click.option("--train-steps", default=150, show_default=True, help="Steps of the short training run.")
-@click.option("--checkpoint", type=click.Path(exists=True, dir_okay=False),
-              help="Use this checkpoint instead of the packaged demo checkpoint.")
-@click.option("--adps-steps", default=100, show_default=True,
-              help="A-DPS steps (on the first test volume only, to keep the demo short); 0 skips A-DPS.")
-@click.option("--dc-steps", default=25, show_default=True, help="Steps of our fast DC sampler (2 N - 1 NFEs).")
-@click.option("--samples", default=1, show_default=True,
-              help="Posterior samples per scan for the DC sampler (2 or more add standard-deviation maps; slower).")
-@click.option("--progress/--no-progress", default=False, show_default=True, help="Show progress bars.")
-def command(out, train_steps, checkpoint, adps_steps, dc_steps, samples, progress):
-    """Run the whole pipeline (data -> prep -> train -> recon -> eval) on built-in demo data and print a
-    PSNR/SSIM table and the figures written. Takes a few minutes on 2 CPU cores."""
-    res = run_demo(out, train_steps=train_steps, checkpoint=checkpoint, adps_steps=adps_steps, dc_steps=dc_steps,
-                   samples=samples, progress=progress)
-    click.echo("\nHeld-out demo test scans (PSNR/SSIM on magnitudes; A-DPS convention per slice, fastMRI per volume):\n")
-    click.echo(res["markdown"])
-    click.echo("Figures:")
-    for p in res["figures"]:
-        click.echo(f"  {p}")
-    click.echo(f"Tables: {Path(out) / 'report'}/R*/summary.md (CSV and JSON beside them)")
-    click.echo(f"Done in {res['seconds']:.0f} s.")

@@ -17,13 +17,13 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-import click
 import h5py
 import numpy as np
 
 from .errors import DataError
 from .fft import center_crop
 from .fsutil import atomic_path, make_dir, write_json
+from .metrics import evaluate_volume, psnr_adps
 from .prepared import UNITS, UNITS_ATTR, reference_units
 
 SLICE_KEYS = ("psnr_adps", "ssim_adps", "nrmse_adps")
@@ -91,7 +91,6 @@ def label_of(attrs: dict, folder: Path) -> str:
 
 def evaluate_folders(recon_dirs, reference: Path, *, foreground: bool = False, max_figure_slices: int = 3):
     """Score every reconstruction in ``recon_dirs``; returns ``(slice_rows, volume_rows, figure_items)``."""
-    from .metrics import evaluate_volume
 
     slice_rows, volume_rows, figs = [], [], []
     for d in recon_dirs:
@@ -212,7 +211,6 @@ def figures(figs: list[dict], out: Path, per_figure: int = 3) -> list[Path]:
             a.axis("off")
         for j, it in enumerate(items, start=1):
             ax[0, j].imshow(it["x"], cmap="gray", vmin=0, vmax=vmax)
-            from .metrics import psnr_adps
 
             ax[0, j].set_title(f"{it['label']}\n{psnr_adps(gt, it['x']):.2f} dB", fontsize=8)
             ax[1, j].imshow(np.abs(it["x"] - gt), cmap="magma", vmin=0, vmax=0.25 * vmax)
@@ -245,23 +243,3 @@ def run_eval(recon_dirs, reference, out, *, foreground: bool = False) -> dict:
         tmp.write_text(md)
     paths = figures(figs, out)
     return {"summary": summary, "markdown": md, "figures": paths}
-
-
-@click.command(name="eval")
-@click.option("--recon", "recon_dirs", multiple=True, required=True, type=click.Path(exists=True, file_okay=False),
-              help="Folder written by 'ambient-mri recon'; repeat to compare several methods in one table.")
-@click.option("--reference", required=True, type=click.Path(exists=True),
-              help="Prepared val/test folder (its 'reference') or fastMRI folder (reconstruction_rss/_esc).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report folder to write.")
-@click.option("--foreground/--full-fov", default=False, show_default=True,
-              help="Also report every metric inside a foreground mask thresholded from the reference.")
-def command(recon_dirs, reference, out, foreground):
-    """Score reconstructions against references: per-slice (A-DPS convention) and per-volume (fastMRI
-    convention) PSNR, SSIM, NRMSE/NMSE as CSV and JSON, a Markdown table (mean +- std per method and
-    acceleration) and reference/reconstruction/error/std figures."""
-    res = run_eval(recon_dirs, reference, out, foreground=foreground)
-    click.echo(res["markdown"])
-    for p in res["figures"]:
-        click.echo(f"figure: {p}")
-    click.echo(f"tables: {Path(out) / 'summary.md'}, {Path(out) / 'metrics_slices.csv'}, "
-               f"{Path(out) / 'metrics_volumes.csv'}, {Path(out) / 'summary.json'}")

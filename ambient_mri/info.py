@@ -8,12 +8,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from pathlib import Path
 
-import click
 import numpy as np
+import torch
 
 from .errors import AmbientMRIError, DataError
+from .fastmri_io import FastMRIVolume
 from .prepared import MANIFEST, describe_prepared, is_prepared, manifest_json
 
 
@@ -50,7 +52,6 @@ def _subdirs(folder: Path) -> list[Path]:
 
 def describe_fastmri(path) -> dict:
     """Shapes, coils, header sizes, mask and acceleration of a fastMRI-layout file (validated on open)."""
-    from .fastmri_io import FastMRIVolume
 
     with FastMRIVolume(path) as v:
         S, C, H, W = v.shape
@@ -124,7 +125,6 @@ def describe_prepared_folder(path) -> dict:
 
 def summarize_value(v, depth: int = 0):
     """Short description of a loaded object: tensors by dtype and shape, containers by size."""
-    import torch
 
     if isinstance(v, torch.Tensor):
         return f"Tensor({str(v.dtype).replace('torch.', '')}, {list(v.shape)})"
@@ -148,9 +148,7 @@ def summarize_value(v, depth: int = 0):
 
 def describe_checkpoint(path) -> dict:
     """What ``torch.load(path, weights_only=True)`` gives at the top level: keys, ``config``, ``step``."""
-    import warnings
 
-    import torch
 
     try:
         with warnings.catch_warnings():  # torch warns about pickle protocols before failing anyway
@@ -194,7 +192,6 @@ def describe_run_folder(path) -> dict:
 
 
 def _jsonable(v):
-    import torch
 
     if isinstance(v, torch.Tensor):
         return v.item() if v.numel() == 1 else summarize_value(v)
@@ -316,25 +313,7 @@ def render(d: dict) -> list[str]:
     return [json.dumps(d)]
 
 
-def _has_errors(d: dict) -> bool:
+def has_errors(d: dict) -> bool:
     if d.get("errors"):
         return True
     return any(ds.get("errors") for ds in d.get("datasets", []))
-
-
-@click.command(name="info")
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON instead of text.")
-def command(path, as_json):
-    """Describe PATH: a fastMRI-layout .h5 (shapes, coils, header sizes, mask and acceleration), a prepared
-    file or dataset folder (split, slices, shapes, mask kind, nominal and actual acceleration, norms), a
-    checkpoint .pt or a run folder (what torch.load(weights_only=True) gives: keys, config, step).
-    Exit status 1 if any file in a folder could not be read."""
-    d = describe(path)
-    if as_json:
-        click.echo(json.dumps(d, indent=2, default=str))
-    else:
-        for line in render(d):
-            click.echo(line)
-    if _has_errors(d):
-        raise click.exceptions.Exit(1)

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from ambient_mri.errors import DataError
-from ambient_mri.evaluate import command, run_eval
+from ambient_mri.commands.evaluate import command
+from ambient_mri.evaluate import run_eval
 from ambient_mri.fastmri_io import write_volume
 from ambient_mri.fft import center_crop, fft2c, rss
 from ambient_mri.metrics import psnr_adps, psnr_fastmri

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 from ambient_mri.errors import DataError
 from ambient_mri.fastmri_io import write_volume
 from ambient_mri.fft import fft2c
-from ambient_mri.info import command, describe, kind_of
+from ambient_mri.commands.info import command
+from ambient_mri.info import describe, kind_of
 from ambient_mri.prep import PrepOptions, run_prep
 
 
