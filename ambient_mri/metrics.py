@@ -242,3 +242,20 @@ def evaluate_volume(gt, x, foreground=None) -> dict:
         fill("_fg", fg)
         out["foreground_fraction"] = float(np.mean(fg))
     return out
+
+
+def paired_difference(a, b, *, n_boot: int = 10000, level: float = 0.95, seed: int = 0) -> dict:
+    """Mean paired difference ``mean_i (a_i - b_i)`` over the same slices, with a percentile bootstrap
+    interval: resample the ``n`` differences with replacement ``n_boot`` times, take the ``(1 - level) / 2``
+    and ``(1 + level) / 2`` quantiles of the resampled means. ``a, b (n,)``; non-finite pairs are refused.
+    Returns ``{"mean", "lo", "hi", "n", "level"}``."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size < 2:
+        raise DataError(f"paired scores must be two equal 1-D arrays of >= 2 values, got {a.shape} and {b.shape}")
+    d = a - b
+    if not np.isfinite(d).all():
+        raise DataError("paired scores contain NaN or Inf")
+    idx = np.random.default_rng(seed).integers(0, d.size, size=(n_boot, d.size))
+    means = d[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return {"mean": float(d.mean()), "lo": float(lo), "hi": float(hi), "n": int(d.size), "level": level}

@@ -221,3 +221,24 @@ def test_monai_ssim_differs_from_fastmri_convention(rng):
     # the uniform-7 variant is skimage with population covariance
     pop = [structural_similarity(gt[s], pred[s], data_range=gt.max(), use_sample_covariance=False) for s in range(2)]
     np.testing.assert_allclose(monai_vals, pop, atol=1e-5)
+
+
+def test_paired_difference_bootstrap_interval():
+    rng = np.random.default_rng(0)
+    b = rng.normal(30, 3, size=60)  # slice-to-slice spread much larger than the effect
+    a = b + 0.5 + rng.normal(0, 0.2, size=60)
+    r = M.paired_difference(a, b)
+    # known answer: the mean difference, and an interval close to mean +- 1.96 sd / sqrt(n) of the differences
+    d = a - b
+    assert r["mean"] == pytest.approx(d.mean())
+    half = 1.96 * d.std(ddof=1) / np.sqrt(d.size)
+    assert r["lo"] == pytest.approx(d.mean() - half, abs=0.3 * half)
+    assert r["hi"] == pytest.approx(d.mean() + half, abs=0.3 * half)
+    assert r["lo"] > 0  # pairing removes the slice spread: unpaired, +0.5 dB would be invisible in 3 dB of spread
+    assert M.paired_difference(b, a)["hi"] < 0
+    same = M.paired_difference(b + 1.0, b)
+    assert same["lo"] == pytest.approx(1.0) and same["hi"] == pytest.approx(1.0)
+    with pytest.raises(DataError):
+        M.paired_difference(a, b[:-1])
+    with pytest.raises(DataError):
+        M.paired_difference(np.r_[a[:-1], np.nan], b)
