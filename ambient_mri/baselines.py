@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from . import metrics
 from .errors import ConfigError, DataError
 from .fft import ifft2c, rss
 from .operators import SenseOp, as_mask, conjugate_gradient
@@ -117,7 +118,7 @@ def l1_wavelet(y, maps, mask, lam: float, iters: int = 100, wave_name: str = "db
     gradient step is ``1 / max_eig(A^H A)`` from :func:`max_eig` (seeded, so reruns are identical) unless
     ``step`` is given. -> complex ``(B, H, W)`` on ``y``'s device.
     """
-    import sigpy as sp
+    import sigpy as sp  # sigpy (with numba) takes seconds to import: only when used
     import sigpy.mri as mr
 
     y, maps, m = _inputs(y, maps, mask)
@@ -184,8 +185,6 @@ def choose_lambda(val_y, val_maps, val_mask, val_reference, candidates=DEFAULT_L
     the test set. ``metric``: ``"psnr"`` / ``"ssim"`` (A-DPS convention, per slice, higher is better) or
     ``"nrmse"`` (lower is better), averaged over the slices; ties go to the first candidate.
     """
-    from . import metrics
-
     if metric not in _METRICS:
         raise ConfigError(f"unknown metric {metric!r} for choose_lambda (choose from {', '.join(_METRICS)})")
     cands = tuple(float(c) for c in candidates)

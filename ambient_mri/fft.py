@@ -1,7 +1,8 @@
-"""Centred, orthonormal 2-D FFT over the last two axes (fastMRI's ``fft2c``, sigpy's ``sp.fft``).
+"""Centred, orthonormal FFTs (fastMRI's ``fft2c``, sigpy's ``sp.fft``).
 
-``fft2c(x) = fftshift(fft2(ifftshift(x), norm="ortho"))``; ``ifft2c`` is its inverse and adjoint.
-Works on any leading batch shape, torch complex tensors on any device, or numpy arrays.
+``fft2c(x) = fftshift(fft2(ifftshift(x), norm="ortho"))`` over the last two axes; ``ifft2c`` is its inverse
+and adjoint. Works on any leading batch shape, torch complex tensors on any device, or numpy arrays.
+``fft1c`` / ``ifft1c`` are the same along one axis of a numpy array (prep crops the readout with them).
 """
 
 from __future__ import annotations
@@ -12,10 +13,15 @@ import torch
 _DIMS = (-2, -1)
 
 
+def _centred(transform, x: np.ndarray, axes: tuple) -> np.ndarray:
+    """``fftshift(transform(ifftshift(x)))`` over ``axes``, orthonormal (``transform``: ``np.fft.fftn`` / ``ifftn``)."""
+    return np.fft.fftshift(transform(np.fft.ifftshift(x, axes=axes), axes=axes, norm="ortho"), axes=axes)
+
+
 def fft2c(x):
     """Image ``(..., H, W)`` -> k-space ``(..., H, W)``, DC at ``(H // 2, W // 2)``."""
     if isinstance(x, np.ndarray):
-        return np.fft.fftshift(np.fft.fft2(np.fft.ifftshift(x, axes=_DIMS), norm="ortho"), axes=_DIMS)
+        return _centred(np.fft.fftn, x, _DIMS)
     x = torch.fft.ifftshift(x, dim=_DIMS)
     return torch.fft.fftshift(torch.fft.fft2(x, dim=_DIMS, norm="ortho"), dim=_DIMS)
 
@@ -23,9 +29,19 @@ def fft2c(x):
 def ifft2c(k):
     """K-space ``(..., H, W)`` -> image ``(..., H, W)``; the inverse (and adjoint) of :func:`fft2c`."""
     if isinstance(k, np.ndarray):
-        return np.fft.fftshift(np.fft.ifft2(np.fft.ifftshift(k, axes=_DIMS), norm="ortho"), axes=_DIMS)
+        return _centred(np.fft.ifftn, k, _DIMS)
     k = torch.fft.ifftshift(k, dim=_DIMS)
     return torch.fft.fftshift(torch.fft.ifft2(k, dim=_DIMS, norm="ortho"), dim=_DIMS)
+
+
+def fft1c(x: np.ndarray, axis: int) -> np.ndarray:
+    """Centred orthonormal 1-D FFT of ``x`` along ``axis``, DC at index ``n // 2`` (numpy)."""
+    return _centred(np.fft.fftn, x, (axis,))
+
+
+def ifft1c(k: np.ndarray, axis: int) -> np.ndarray:
+    """The inverse (and adjoint) of :func:`fft1c` along ``axis``."""
+    return _centred(np.fft.ifftn, k, (axis,))
 
 
 def rss(x, dim: int = -3):

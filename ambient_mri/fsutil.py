@@ -1,15 +1,20 @@
-"""Atomic file output and per-file claims, so that no half-written file ever looks finished."""
+"""Atomic file output and per-file claims, so that no half-written file ever looks finished; file digests."""
 
 from __future__ import annotations
 
 import contextlib
 import errno
 import glob
+import hashlib
 import io
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
+
+import h5py
+import numpy as np
 
 from .errors import AmbientMRIError
 
@@ -170,8 +175,6 @@ def atomic_h5(path: str | os.PathLike, **kwargs):
     """Write an HDF5 file atomically: yield an ``h5py.File`` open for writing on a temporary file that is
     renamed onto ``path`` when the block succeeds. Writes go through a :class:`WriteGuard`, so a full disk
     or a file size limit ends as a one-line :class:`OutputError` (never as an HDF5 error cascade)."""
-    import h5py
-
     with atomic_path(path, ".h5.tmp") as tmp:
         with open(tmp, "r+b", buffering=0) as raw:
             guard = WriteGuard(raw)
@@ -190,6 +193,15 @@ def _unlink(p):
         os.unlink(p)
 
 
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """SHA-256 hex digest of the file at ``path``, read ``chunk`` bytes at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_json(path: str | os.PathLike, obj) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path, ".json.tmp") as tmp:
@@ -197,8 +209,6 @@ def write_json(path: str | os.PathLike, obj) -> None:
 
 
 def _jsonable(o):
-    import numpy as np
-
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):
@@ -268,8 +278,6 @@ def _stale(lock: Path) -> bool:
     except OSError:
         return True
     except (ValueError, IndexError):  # being written right now, or garbage left long ago
-        import time
-
         try:
             return time.time() - lock.stat().st_mtime > 30
         except OSError:

@@ -114,12 +114,12 @@ class Linop:
     @property
     def H(self) -> Linop:
         """The adjoint ``A^H`` as an operator (``oshape`` -> ``ishape``); ``A.H.H`` is ``A``."""
-        return Adjoint(self)
+        return Adjoint(self, "H", self.oshape, self.ishape)
 
     @property
     def N(self) -> Linop:
         """The normal operator ``A^H A`` (``ishape`` -> ``ishape``, self-adjoint)."""
-        return Normal(self)
+        return Normal(self, "N", self.ishape, self.ishape)
 
     def __matmul__(self, other):
         if isinstance(other, Linop):
@@ -138,11 +138,19 @@ class Linop:
         return f"<{self.name}: {_fmt(self.oshape)} <- {_fmt(self.ishape)}>"
 
 
-class Adjoint(Linop):
-    """``A^H`` of a :class:`Linop` ``A``: forward is ``A.adjoint``, adjoint is ``A.forward``."""
+class _Derived(Linop):
+    """An operator made from one :class:`Linop` ``op`` (its adjoint, its normal), named ``<op>.<suffix>``."""
 
-    def __init__(self, op: Linop):
-        self.op, self.ishape, self.oshape = op, op.oshape, op.ishape
+    def __init__(self, op: Linop, suffix: str, ishape: Shape, oshape: Shape):
+        self.op, self.suffix, self.ishape, self.oshape = op, suffix, ishape, oshape
+
+    @property
+    def name(self) -> str:
+        return f"{self.op.name}.{self.suffix}"
+
+
+class Adjoint(_Derived):
+    """``A^H`` of a :class:`Linop` ``A`` (``A.H``): forward is ``A.adjoint``, adjoint is ``A.forward``."""
 
     def _forward(self, y):
         return self.op._adjoint(y)
@@ -154,16 +162,9 @@ class Adjoint(Linop):
     def H(self) -> Linop:
         return self.op
 
-    @property
-    def name(self) -> str:
-        return f"{self.op.name}.H"
 
-
-class Normal(Linop):
+class Normal(_Derived):
     """``A^H A`` of a :class:`Linop` ``A`` (``A.N``): self-adjoint, so forward = adjoint = ``A.normal``."""
-
-    def __init__(self, op: Linop):
-        self.op, self.ishape, self.oshape = op, op.ishape, op.ishape
 
     def _forward(self, x):
         return self.op._normal(x)
@@ -173,10 +174,6 @@ class Normal(Linop):
     @property
     def H(self) -> Linop:
         return self
-
-    @property
-    def name(self) -> str:
-        return f"{self.op.name}.N"
 
 
 class Compose(Linop):

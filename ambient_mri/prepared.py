@@ -7,7 +7,8 @@ through this module:
 * :data:`ARRAYS`, the arrays a prepared file may hold with their dtypes, and :func:`file_keys`, which of
   them a file of a given split and domain holds (:func:`stored` casts a value to its stored dtype);
 * :func:`read_manifest` / :func:`manifest_json` (the folder's ``manifest.json``), :func:`describe_prepared`
-  (a file's summary, also the manifest's file entry);
+  (a file's summary, also the manifest's file entry); :func:`build_manifest` / :func:`write_manifest`, its
+  writer; :func:`create_datasets`, a new file's arrays with their stored dtypes;
 * :func:`is_prepared`, the one "is this file prepared?" check;
 * :class:`Scan` and :func:`load_prepared`, the validated reader of a prepared val/test file;
 * the units contract: ``recon`` writes ``units`` = :data:`UNITS_PREPARED` (input read with
@@ -20,12 +21,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import h5py
 import numpy as np
 
-from .errors import DataError
+from . import __version__
+from .errors import AmbientMRIError, DataError
+from .fastmri_io import list_volumes
+from .fsutil import claim, write_json
+
+if TYPE_CHECKING:
+    from .prep import PrepOptions
 
 FORMAT = "ambient_mri.prepared/1"
 MANIFEST = "manifest.json"
@@ -89,6 +99,17 @@ def stored(key: str, value):
     return a[()] if a.ndim == 0 else a
 
 
+def create_datasets(f: h5py.File, d: dict, n: int) -> None:
+    """Create the arrays of a new prepared file ``f`` for ``n`` slices, shaped and typed like the slice dict
+    ``d`` (:func:`array_keys`, stored dtypes, one chunk per slice), then ``slice_index``."""
+    for key in array_keys(d):
+        v = stored(key, d[key])
+        shape = (n,) + np.shape(v)
+        chunks = (1,) + np.shape(v) if np.ndim(v) else None
+        f.create_dataset(key, shape=shape, dtype=v.dtype, chunks=chunks)
+    f.create_dataset("slice_index", shape=(n,), dtype=np.int64)
+
+
 # ----------------------------------------------------------------------------------------------
 # Recognising a prepared file
 
@@ -97,8 +118,6 @@ def is_prepared(path) -> bool:
     """Whether ``path`` is a prepared file: HDF5 with the attribute ``format`` = :data:`FORMAT`; a file
     without ``format`` (another tool's file in this layout) counts when it has a ``split`` attribute and a
     ``mask`` with ``maps`` or ``image``. A file that is not readable HDF5 is not prepared (``False``)."""
-    import h5py
-
     try:
         with h5py.File(path, "r") as f:
             fmt = f.attrs.get("format")
@@ -172,8 +191,6 @@ def attr_value(v):
 def describe_prepared(path) -> dict:
     """Summary of a finished prepared file: the manifest entry fields (:func:`manifest_entry`) plus
     ``attrs`` (every file attribute) and ``shapes`` (of the image-sized arrays)."""
-    import h5py
-
     with h5py.File(path, "r") as f:
         a = {k: attr_value(v) for k, v in f.attrs.items()}
         mask = f["mask"][()]
@@ -202,6 +219,32 @@ def manifest_entry(path) -> dict:
     d.pop("attrs")
     d.pop("shapes")
     return d
+
+
+def build_manifest(folder: Path, options: "PrepOptions", failed: list[dict]) -> dict:
+    """``manifest.json`` content, built from the finished files in ``folder`` (so it is right after a resume):
+    :data:`FORMAT`, split, domain, version, the prep ``options``, the reference kind, one
+    :func:`manifest_entry` per file and the ``failed`` inputs."""
+    files = [manifest_entry(p) for p in (list_volumes(folder) if Path(folder).is_dir() else [])]
+    with_ref = any(f["reference"] for f in files)
+    return {"format": FORMAT, "split": options.split, "domain": options.domain, "ambient_mri_version": __version__,
+            "options": options.to_json(), "reference_kind": options.reference if with_ref else None,
+            "files": files, "failed": failed}
+
+
+def write_manifest(folder: Path, options: "PrepOptions", failed: list[dict], wait_s: float = 600.0) -> Path:
+    """Build and write ``folder/manifest.json`` atomically, under a claim, so that concurrent prep runs on
+    the same output never interleave (the last one to finish lists every finished file)."""
+    path = Path(folder) / MANIFEST
+    t0 = time.monotonic()
+    while True:
+        with claim(path) as held:
+            if held:
+                write_json(path, build_manifest(folder, options, failed))
+                return path
+        if time.monotonic() - t0 > wait_s:
+            raise AmbientMRIError("another process holds the manifest claim for too long", path)
+        time.sleep(0.2)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -257,8 +300,6 @@ def load_prepared(path: Path, *, slices: int | None = None, reference: bool = Fa
     first ``slices`` slices (default all), with the ``reference`` when asked (``None`` if the file has
     none). A missing key, a damaged file, shapes that do not fit together or NaN/Inf raise a one-line
     :class:`DataError`."""
-    import h5py
-
     take = slice(None) if slices is None else slice(0, int(slices))
     try:
         with h5py.File(path, "r") as f:

@@ -54,7 +54,8 @@ def machine() -> str:
 
 
 def main(argv=None):
-    from ambient_mri.prep import PrepOptions, maps_methods, run_prep
+    from ambient_mri.coils import maps_methods
+    from ambient_mri.prep import PrepOptions, run_prep
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--slices", type=int, default=8)

@@ -6,7 +6,7 @@ import torch
 
 from ambient_mri import coils
 from ambient_mri.errors import ConfigError
-from ambient_mri.fft import fft2c, ifft2c, rss
+from ambient_mri.fft import fft2c
 from ambient_mri.operators import SenseOp, conjugate_gradient
 
 
@@ -72,24 +72,3 @@ def test_coil_compression_keeps_energy_and_rejects_bad_counts():
     np.testing.assert_allclose(np.linalg.norm(full), np.linalg.norm(ksp), rtol=1e-5)
     with pytest.raises(ConfigError):
         coils.coil_compress(ksp, 9)
-
-
-def test_prewhitening_gives_identity_noise_covariance():
-    rng = np.random.default_rng(0)
-    C = 6
-    A = rng.standard_normal((C, C)) + 1j * rng.standard_normal((C, C))
-    cov_true = A @ A.conj().T / C + np.eye(C)
-    L = np.linalg.cholesky(cov_true)
-    noise = L @ (rng.standard_normal((C, 40000)) + 1j * rng.standard_normal((C, 40000))) / np.sqrt(2)
-    cov = coils.noise_covariance(noise)
-    np.testing.assert_allclose(cov, cov_true, atol=0.05 * np.abs(cov_true).max())
-    white = coils.prewhiten(noise.reshape(C, 200, 200), cov).reshape(C, -1)
-    np.testing.assert_allclose(coils.noise_covariance(white), np.eye(C), atol=0.03)
-
-
-def test_noise_from_corner_reads_coil_image_corner():
-    rng = np.random.default_rng(0)
-    img = np.zeros((2, 64, 64), np.complex64)
-    img[:, :30, :30] = rng.standard_normal((2, 30, 30))
-    s = coils.noise_from_corner(fft2c(img), 30)
-    np.testing.assert_allclose(s, img[:, :30, :30].reshape(2, -1), atol=1e-5)

@@ -12,11 +12,12 @@ import torch
 from ambient_mri import baselines as B
 from tests.phantom import phantom_problem
 from ambient_mri import metrics as M
-from ambient_mri.coils import acs_kspace
+from ambient_mri.coils import DEFAULT_MAPS, acs_kspace, estimate_maps, forward_residual
+from ambient_mri.crop import crop_kspace, crop_maps
 from ambient_mri.errors import ConfigError
 from ambient_mri.fft import center_crop, fft2c, ifft2c
-from ambient_mri.prep import (DEFAULT_MAPS, PrepOptions, crop_maps, estimate_maps, forward_residual,
-                              prepared_noise_std, run_prep)
+from ambient_mri.prep import PrepOptions, run_prep
+from ambient_mri.whitening import prepared_noise_std
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -225,7 +226,6 @@ def test_forward_residual_of_exact_data_is_zero_and_of_noise_is_the_noise_share(
 def test_crop_maps_matches_the_kspace_crop_of_the_coil_images():
     """Fully sampled: image-space crop, exact. Line mask: the phase encode is cropped in k-space, so the
     cropped maps times the cropped image reproduce the cropped k-space for band-limited maps and image."""
-    from ambient_mri.prep import crop_kspace
 
     rng = np.random.default_rng(2)
     H, W, h, w = 32, 32, 16, 24

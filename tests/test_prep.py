@@ -14,13 +14,17 @@ import sigpy
 import sigpy.mri
 from click.testing import CliRunner
 
-from ambient_mri import coils, masks
+from ambient_mri import coils, masks, whitening
+from ambient_mri.coils import acs_norm, calibration_block, estimate_maps
+from ambient_mri.commands.prep import command
+from ambient_mri.crop import crop_kspace
 from ambient_mri.errors import ConfigError, DataError
 from ambient_mri.fastmri_io import FastMRIVolume, write_volume
 from ambient_mri.fft import center_crop, fft2c, ifft2c, rss
-from ambient_mri.prep import (MASK_TYPES, PrepOptions, acs_norm, calibration_block, command, crop_kspace,
-                              estimate_maps, parse_slices, prepare_slice, prepare_volume, prewhiten_slice,
-                              run_prep, slice_seed)
+from ambient_mri.prep import PrepOptions, prepare_volume, run_prep
+from ambient_mri.prep_options import MASK_TYPES, parse_slices, slice_seed
+from ambient_mri.prep_slice import prepare_slice
+from ambient_mri.whitening import prewhiten_slice
 
 S, C, H, W = 2, 4, 128, 64  # 2x oversampled readout; recon (and crop) 64 x 64
 CROP = (64, 64)
@@ -456,7 +460,7 @@ def test_prewhitening_gives_white_corner_noise():
     k = fft2c((mix @ noise).reshape(4, 64, 64)).astype(np.complex64)
     kw, reason = prewhiten_slice(k)
     assert reason is None
-    cov = coils.noise_covariance(coils.noise_from_corner(kw, 30))
+    cov = whitening.noise_covariance(whitening.noise_from_corner(kw, 30))
     np.testing.assert_allclose(cov, np.eye(4), atol=0.1)
     assert prewhiten_slice(np.zeros((4, 64, 64), np.complex64))[1] is not None
     with pytest.raises(DataError, match="cannot prewhiten"):

@@ -18,8 +18,10 @@ from ambient_mri import masks
 from ambient_mri.errors import DataError
 from ambient_mri.fastmri_io import FastMRIVolume, write_volume
 from ambient_mri.fft import fft2c
-from ambient_mri.prep import (CORNER_SMOOTH_MAX, PrepOptions, corner_neighbour_correlation, corner_smooth_fraction,
-                              noise_neighbour_correlation, prepare_volume, prewhiten_slice, run_prep, whitening_mode)
+from ambient_mri.prep import PrepOptions, prepare_volume, run_prep
+from ambient_mri.whitening import (CORNER_SMOOTH_MAX, corner_neighbour_correlation, corner_smooth_fraction,
+                                   noise_covariance, noise_from_corner, noise_neighbour_correlation, prewhiten,
+                                   prewhiten_slice, whitening_mode)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -78,7 +80,6 @@ def test_measured_neighbour_correlation_of_masked_noise_is_the_predicted_one():
 def test_a_genuine_noise_corner_is_accepted_and_whitened(C):
     """Noise corners (fully sampled, line mask, 2-D Poisson) of an object in the centre half of a 2x
     oversampled readout: accepted for every seed, and the whitened corner noise has identity covariance."""
-    from ambient_mri.coils import noise_covariance, noise_from_corner
 
     kinds = {"full": None, "lines": masks.kspace_mask("random", (2 * H, W), 4, center=8, seed=0).mask,
              "poisson": masks.kspace_mask("poisson", (2 * H, W), 3, center=12, seed=0).mask}
@@ -182,3 +183,28 @@ def test_recon_whiten_option(tmp_path):
     assert r.exit_code != 0 and "cannot prewhiten" in r.output and str(liar) in r.output
     r = runner.invoke(command, [a for a in base if a != "-q"] + ["--out", str(tmp_path / "auto")])
     assert r.exit_code == 0 and f"note: {liar}: not prewhitened (2 of 2 slices)" in r.output
+
+
+# ----------------------------------------------------------------------------------------------
+# Noise covariance and whitening matrix (moved here from test_coils.py with the functions)
+
+
+def test_prewhitening_gives_identity_noise_covariance():
+    rng = np.random.default_rng(0)
+    C = 6
+    A = rng.standard_normal((C, C)) + 1j * rng.standard_normal((C, C))
+    cov_true = A @ A.conj().T / C + np.eye(C)
+    L = np.linalg.cholesky(cov_true)
+    noise = L @ (rng.standard_normal((C, 40000)) + 1j * rng.standard_normal((C, 40000))) / np.sqrt(2)
+    cov = noise_covariance(noise)
+    np.testing.assert_allclose(cov, cov_true, atol=0.05 * np.abs(cov_true).max())
+    white = prewhiten(noise.reshape(C, 200, 200), cov).reshape(C, -1)
+    np.testing.assert_allclose(noise_covariance(white), np.eye(C), atol=0.03)
+
+
+def test_noise_from_corner_reads_coil_image_corner():
+    rng = np.random.default_rng(0)
+    img = np.zeros((2, 64, 64), np.complex64)
+    img[:, :30, :30] = rng.standard_normal((2, 30, 30))
+    s = noise_from_corner(fft2c(img), 30)
+    np.testing.assert_allclose(s, img[:, :30, :30].reshape(2, -1), atol=1e-5)
