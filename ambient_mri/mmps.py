@@ -12,8 +12,9 @@ per real channel, ``J_R`` the real ``2n x 2n`` Jacobian; the 2 is this package's
     E[x0 | x_t, y] ~ D + 2 sigma^2 J^T A^H (s^2 I + 2 sigma^2 A J^T A^H)^-1 (y - A D),
 
 exact when ``p(x0)`` is Gaussian and ``D`` is the exact ``E[x0 | x_t]``. ``J^T v`` is one vector-Jacobian
-product through the network (``torch.autograd.grad``); the system, Hermitian positive definite in the
-measurement space, is solved by a few conjugate-gradient steps (:func:`operators.conjugate_gradient`).
+product through the network (``torch.autograd.grad``); the system in the measurement space, symmetric
+positive definite when ``J`` is a covariance (symmetric, positive: an exact clean denoiser's is), is
+solved by a few conjugate-gradient steps (:func:`operators.conjugate_gradient`).
 
 Complex data: torch's VJP of a complex output with cotangent ``w`` is ``J_R^T w`` in the real two-channel
 view (for a complex-linear ``D(x) = W x`` that is ``W^H w``; ``tests/test_mmps.py`` checks both against an
@@ -25,8 +26,9 @@ from __future__ import annotations
 
 import torch
 
+from .errors import AmbientMRIError
 from .operators import conjugate_gradient
-from .sampling import _randn_complex, denoise, edm_sigmas, noise_variance
+from .sampling import View, denoise, noise_variance, prior_sample
 
 NOISE_FLOOR = 1e-4  # smallest noise std used in the MMPS system (prepared units, images of magnitude ~1)
 
@@ -81,41 +83,43 @@ def mmps_mean(denoiser, view, x: torch.Tensor, sigma, y: torch.Tensor, A, *, noi
 
 
 def mmps(denoiser, view, y: torch.Tensor, A, *, noise_std, steps: int = 25, sigma_min: float = 0.004,
-         sigma_max: float = 10.0, rho: float = 7.0, cg_iters: int = 5, heun: bool = True,
-         noise_floor: float = NOISE_FLOOR, generator=None) -> torch.Tensor:
+         sigma_max: float = 10.0, rho: float = 7.0, cg_iters: int = 5, noise_floor: float = NOISE_FLOOR,
+         generator=None) -> torch.Tensor:
     """MMPS (Rozet et al. 2024): the EDM probability-flow ODE of the posterior, driven by the MMPS posterior
-    denoiser ``D_y(x, sigma) = E[x0 | x_t, y]`` (:func:`mmps_mean`) over the EDM schedule
-    (:func:`sampling.edm_sigmas`):
+    denoiser ``D_y(x, sigma) = E[x0 | x_t, y]`` (:func:`mmps_mean`), integrated by the package's Heun
+    sampler over the EDM schedule (:func:`sampling.prior_sample` with ``D_y`` as its denoiser):
 
     ``d = (x_i - D_y(x_i, sigma_i)) / sigma_i``, ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) d``, with
-    Heun's correction (``heun``) except on the last step to ``sigma = 0``.
+    Heun's correction except on the last step to ``sigma = 0`` (which returns ``D_y`` at ``sigma_min``).
 
     Same conventions as :func:`sampling.dps_noise_aware`: ``y (B, C, H, W)`` and ``A = SenseOp`` (or
     ``(B, H, W)`` and ``InpaintOp``), ``view`` the model's view, ``noise_std`` ``s`` (float or ``(B,)``,
     floored at ``noise_floor``), ``generator`` seeds the initial noise (the ODE is deterministic after it).
-    Returns the last posterior-denoised estimate ``(B, H, W)``, in ``y``'s dtype. Cost per sample:
-    :func:`nfe` VJPs (plus as many forward passes as evaluations).
+    Returns the final sample ``(B, H, W)`` complex64. Cost per sample: :func:`nfe` VJPs, plus one forward
+    pass per evaluation (``2 steps - 1``).
+
+    The system is positive definite only if ``J`` is (close to) a covariance, symmetric and positive; an
+    ambient denoiser's Jacobian is not (it conditions on ``A~ x_t``, not ``x_t``: Tweedie's covariance
+    does not apply), its system is indefinite at mid noise levels, and CG can then diverge. A chain that
+    ends non-finite raises :class:`errors.AmbientMRIError` naming its batch items.
     """
-    t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
-    x = _randn_complex(A.adjoint(y).shape, generator, y.device).to(y.dtype) * t[0]
 
-    def D_y(x, s):
-        return mmps_mean(denoiser, view, x, s, y, A, noise_std=noise_std, cg_iters=cg_iters, noise_floor=noise_floor)
+    def D_y(x_in, sigma, mask=None):  # the posterior denoiser, as prior_sample calls a denoiser
+        return mmps_mean(denoiser, view, x_in, sigma.reshape(-1)[0], y, A, noise_std=noise_std, cg_iters=cg_iters,
+                         noise_floor=noise_floor)
 
-    with torch.no_grad():
-        for i in range(steps):
-            s, s_next = t[i], t[i + 1]
-            last = D_y(x, s)
-            d = (x - last) / s
-            x_next = x + (s_next - s) * d
-            if heun and s_next > 0:
-                d2 = (x_next - D_y(x_next, s_next)) / s_next
-                x_next = x + (s_next - s) * 0.5 * (d + d2)
-            x = x_next
-    return last
+    x = prior_sample(D_y, View("clean"), A.adjoint(y).shape, steps=steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                     rho=rho, generator=generator, device=y.device)
+    bad = ~torch.isfinite(torch.view_as_real(x)).flatten(1).all(1)
+    if bad.any():
+        items = bad.nonzero().flatten().tolist()[:8]
+        raise AmbientMRIError(f"mmps diverged (non-finite result) for batch items {items}: "
+                              "the denoiser's Jacobian does not act as a positive-definite covariance in the CG "
+                              "system (as for an ambient denoiser); use another method")
+    return x
 
 
-def nfe(steps: int, cg_iters: int = 5, heun: bool = True) -> int:
-    """VJPs per sample of :func:`mmps`: ``(2 steps - 1 with Heun, else steps) x (cg_iters + 1)``; each
-    evaluation also takes one forward pass."""
-    return (2 * steps - 1 if heun else steps) * (cg_iters + 1)
+def nfe(steps: int, cg_iters: int = 5) -> int:
+    """VJPs per sample of :func:`mmps`: ``(2 steps - 1) x (cg_iters + 1)`` (Heun); each of the ``2 steps - 1``
+    evaluations also takes one forward pass."""
+    return (2 * steps - 1) * (cg_iters + 1)
