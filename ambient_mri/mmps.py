@@ -38,7 +38,9 @@ def measurement_noise_var(noise_std, y: torch.Tensor, floor: float = NOISE_FLOOR
 
     With ``s = 0`` the MMPS system ``2 sigma^2 A J^T A^H`` alone is singular wherever the denoiser is sure
     (``J ~ 0``); the floor keeps it positive definite and changes the result only where the noise is
-    below ``floor`` anyway."""
+    below ``floor`` anyway. ``None`` is an error (resolve unknown noise first, ``recon.resolve_noise``)."""
+    if noise_std is None:
+        raise ValueError("mmps needs noise_std (the measurement noise std s; 0 means noiseless)")
     s2 = noise_variance(noise_std, y.shape[0], y.device).reshape(-1, *(1,) * (y.ndim - 1))
     return s2.clamp_min(floor**2).to(y.real.dtype)
 

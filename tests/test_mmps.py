@@ -88,6 +88,9 @@ def test_zero_noise_uses_the_floor(gauss):
                     noise_std=0.0, cg_iters=400).numpy()
     assert np.isfinite(out).all()
     assert rel_err(out, joint_posterior_mean(model, xt, y, mask, NOISE_FLOOR, sigma)) < 1e-6
+    with pytest.raises(ValueError, match="needs noise_std"):
+        mmps_mean(OracleDenoiser(model), View("clean"), torch.from_numpy(xt), sigma, torch.from_numpy(y), A,
+                  noise_std=None)
 
 
 # -- complex data: the VJP convention -------------------------------------------------------------
