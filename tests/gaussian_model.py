@@ -195,3 +195,33 @@ class PosteriorDenoiser(_LinearDenoiser):
         xt = x_in.reshape(x_in.shape[0], -1).to(torch.complex128)
         out = xt @ torch.from_numpy(W).T + torch.from_numpy(c)[None]
         return out.reshape(x_in.shape).to(x_in.dtype)
+
+
+def joint_posterior_mean(model: GaussianModel, x_t: np.ndarray, y: np.ndarray, mask, s: float,
+                         sigma: float) -> np.ndarray:
+    """Exact ``E[x0 | x_t, y]`` ``(b, N, N)`` for ``x_t (b, N, N)`` and ``y (b, C, N, N)``, from the joint
+    Gaussian of ``(x0, x_t, y)`` in one step (not the two-stage ``PosteriorDenoiser`` form): with
+    ``v = (x_t, y)``, ``Cov(x0, v) = [Sigma, Sigma A^H]``, ``Cov(v) = [[Sigma + 2 sigma^2 I, Sigma A^H],
+    [A Sigma, A Sigma A^H + s^2 I]]`` and ``E[x0 | v] = Cov(x0, v) Cov(v)^-1 v``."""
+    A = sense_matrix(model.maps, mask)
+    S, n, r = model.Sigma, model.n, A.shape[0]
+    m = np.broadcast_to(np.asarray(mask, bool), (model.N, model.N)).ravel()
+    v = np.concatenate([x_t.reshape(x_t.shape[0], -1).T,
+                        np.stack([yb.reshape(yb.shape[0], -1)[:, m].ravel() for yb in y], 1)])  # (n + r, b)
+    SA = S @ A.conj().T
+    cov_v = np.block([[S + 2 * sigma**2 * np.eye(n), SA], [SA.conj().T, A @ SA + s**2 * np.eye(r)]])
+    return (np.concatenate([S, SA], 1) @ np.linalg.solve(cov_v, v)).T.reshape(-1, model.N, model.N)
+
+
+class BatchedOracleDenoiser(OracleDenoiser):
+    """:class:`OracleDenoiser` as one matrix product over the batch when every item has the same ``sigma``
+    (as in the samplers): the same values, and a VJP (``W^H w``) fast enough for samplers that take many."""
+
+    def forward(self, x_in, sigma, mask=None):
+        sig = torch.as_tensor(sigma).reshape(-1)
+        if not bool((sig == sig[0]).all()):
+            return super().forward(x_in, sigma, mask)
+        self.calls += 1
+        W = torch.from_numpy(self.matrix(float(sig[0]), None))
+        out = x_in.reshape(x_in.shape[0], -1).to(torch.complex128) @ W.T
+        return out.reshape(x_in.shape).to(x_in.dtype)
