@@ -1,21 +1,27 @@
 #!/usr/bin/env python
-"""The real-brain benchmark (issue: demo, benchmark and docs), from ../shared/data alone.
+"""The real-brain benchmark (issues 9 and 10), from ../shared/data alone.
 
 Stages (each skipped when its outputs exist, so an interrupted run resumes):
- 1. data   SIAT 500 complex slices -> 8-coil fastMRI volumes at 64 x 64 (real head8ch sensitivities, noise),
-           split into train / val / test by whole series (no slice in two splits).
- 2. prep   train at R = 8 (undersampled k-space only); the same training volumes as a val-style split
-           with references (ONLY for the oracle FS-EDM baseline); val and test at R = 8 and R = 12. 2-D
-           variable-density Poisson-disc masks with an 8 x 8 calibration centre.
- 3. train  ambient (R = 8, R~ = 9), oracle FS-EDM (fully sampled references), naive L1-EDM (EDM on L1-wavelet
-           reconstructions of the same undersampled training data); same steps and batch for each.
- 4. tune   on VALIDATION slices only: the L1-wavelet weight, and the DPS step size l of each model.
- 5. recon  test slices at R = 8 and 12: ZF, CG-SENSE, L1 (all test slices); A-OS and DC (ours) with the ambient
-           model (all test slices); A-DPS (ambient), FS-DPS (oracle), naive-DPS (naive), DC on a DPS subset.
- 6. eval   tables in both metric conventions; memorisation (64 prior samples per model, nearest training
-           slice by NCC); docs/benchmarks.md.
+ 1. data   SIAT 500 complex slices -> multi-coil fastMRI volumes (real head8ch sensitivities kept as
+           ``sim_coil_maps``, noise), split into train / val / test by whole series (no slice in two splits).
+ 2. prep   train at the training R (undersampled k-space only); the same training volumes as a val-style split
+           with references (ONLY for the oracle FS-EDM baseline); val and test at every test R; ``--mask lines``
+           (A-DPS 1-D random lines) or ``poisson`` (2-D Poisson disc); maps estimated (``--maps``), and for the
+           scored split a copy with the simulation's true maps (rows "+true maps").
+ 3. sets   tuning set = the first validation volume; eval set = the test split (the final run) or, with
+           ``--eval-split val`` (a pilot), the other validation volumes. Every method is scored on the same slices.
+ 4. tune   on the tuning volume only: the L1-wavelet weight per R, and the DPS step size l of each model.
+ 3. train  ambient (R -> R~), oracle FS-EDM (fully sampled references), naive L1-EDM (EDM on L1-wavelet
+           reconstructions of the same undersampled training data); same steps and batch for each, one model
+           after another with every thread.
+ 5. recon  ZF, CG-SENSE, L1; ambient A-OS, DC, A-DPS; oracle DC and FS-DPS; naive DC and DPS; with true maps:
+           L1 and the ambient and oracle DC samplers.
+ 6. eval   tables in both metric conventions; paired PSNR differences with 95 % bootstrap intervals (best
+           ambient sampler vs L1, vs the naive prior's best, vs the oracle's best); prior samples of the three
+           models side by side and memorisation (nearest training slice by NCC); the Markdown report.
 
-Usage: python benchmarks/siat_benchmark.py --out /tmp/siat_bench [--quick] [--shared ../shared/data]
+Usage: python benchmarks/siat_benchmark.py --out DIR [--quick] [--mask lines --train-accel 4 --further-accel 5
+       --test-accels 4 8] [--eval-split val]
 """
 
 from __future__ import annotations
@@ -110,15 +116,31 @@ class Bench:
 AMB = ["ambient-mri"]
 
 
-def settings(quick: bool) -> dict:
-    """Full run (about 2 hours on 2 CPU cores; DPS with 100 steps where the papers use 500, for the CPU budget) or the --quick smoke test (a few minutes)."""
-    if quick:
-        return dict(slices="0:60", steps=20, batch=4, dps_steps=8, dps_slices=2, dc_steps=4, mem_samples=4,
-                    mem_steps=6, l_candidates=[1.0], tune_slices=2, l1_tune_slices=2, l1_iters=20,
-                    l1_candidates=[1e-3, 1e-2], quick=True)
-    return dict(slices=None, steps=2000, batch=8, dps_steps=100, dps_slices=20, dc_steps=25, mem_samples=64,
-                mem_steps=18, l_candidates=[0.3, 1.0, 3.0], tune_slices=4, l1_tune_slices=8, l1_iters=100,
-                l1_candidates=None, quick=False)
+def settings(args) -> dict:
+    """The run's settings from the command line; ``--quick`` shrinks every budget to a smoke test."""
+    S = dict(mask=args.mask, train_accel=args.train_accel, further_accel=args.further_accel,
+             test_accels=list(args.test_accels), center=args.center_lines, coils=args.coils, size=args.size,
+             maps=args.maps, true_maps=not args.no_true_maps, eval_split=args.eval_split, slices=None,
+             steps=2000, batch=8, lr=6e-4, ema_halflife=8000, dps_steps=100, dc_steps=25, mem_samples=64,
+             mem_steps=18, l_candidates=[1.0, 3.0, 10.0], tune_slices=4, l1_tune_slices=8, l1_iters=100,
+             l1_candidates=None, threads=args.threads, quick=False)
+    if args.quick:
+        S.update(slices="0:60", steps=20, batch=4, dps_steps=8, dc_steps=4, mem_samples=4, mem_steps=6,
+                 l_candidates=[1.0], tune_slices=2, l1_tune_slices=2, l1_iters=20, l1_candidates=[1e-3, 1e-2],
+                 quick=True)
+    for key in ("steps", "dps_steps"):
+        if getattr(args, key):
+            S[key] = getattr(args, key)
+    if args.l_candidates:
+        S["l_candidates"] = [float(v) for v in args.l_candidates]
+    return S
+
+
+# (label, method, model) of every learned reconstruction; every method runs on the same eval slices
+LEARNED = [("aos", "aos", "ambient"), ("dc", "dc", "ambient"), ("adps", "adps", "ambient"),
+           ("oracle-dc", "dc", "oracle"), ("fsdps", "fsdps", "oracle"),
+           ("naive-dc", "dc", "naive"), ("naive-dps", "adps", "naive")]
+DPS = {"ambient": "adps", "oracle": "fsdps", "naive": "adps"}  # naive: a clean-view model under the A-DPS code path
 
 
 def main():
@@ -127,161 +149,177 @@ def main():
     ap.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data", help="The real data folder.")
     ap.add_argument("--quick", action="store_true", help="Smoke test: a subset, few steps (< 10 minutes).")
     ap.add_argument("--size", type=int, default=64, help="Matrix size of the SIAT volumes.")
+    ap.add_argument("--coils", type=int, default=8, help="Coils simulated (head8ch maps: at most 8).")
+    ap.add_argument("--mask", choices=["lines", "poisson"], default="poisson",
+                    help="lines: A-DPS 1-D random lines (prep --mask-type adps); poisson: 2-D Poisson disc.")
+    ap.add_argument("--train-accel", type=float, default=8.0, help="R of the training masks.")
+    ap.add_argument("--further-accel", type=float, default=9.0, help="R~ of the ambient further masks (> R).")
+    ap.add_argument("--test-accels", type=float, nargs="+", default=[8.0, 12.0], help="R of the val/test masks.")
+    ap.add_argument("--center-lines", type=int, default=8, help="ACS lines (lines) or ACS block side (poisson).")
+    ap.add_argument("--maps", default="espirit-sake", help="prep --maps for every split (estimated maps).")
+    ap.add_argument("--no-true-maps", action="store_true", help="Skip the rows with the simulation's true maps.")
+    ap.add_argument("--eval-split", choices=["val", "test"], default="test",
+                    help="Score on the test split (the final run) or on validation volumes other than the "
+                         "tuning volume (a pilot: test slices untouched).")
     ap.add_argument("--docs", type=Path, default=None, help="Write the Markdown report here (default: OUT/benchmarks.md).")
-    ap.add_argument("--steps", type=int, default=None,
-                    help="Training steps of each of the three models (default: 2000; 20 with --quick).")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="Torch threads per command (1 is fastest on a busy 2-core machine; jobs run side by side).")
+    ap.add_argument("--steps", type=int, default=None, help="Training steps of each model (default 2000; 20 with --quick).")
+    ap.add_argument("--dps-steps", type=int, default=None, help="A-DPS / FS-DPS steps (default 100).")
+    ap.add_argument("--l-candidates", nargs="+", default=None, help="DPS step sizes tried on validation.")
+    ap.add_argument("--threads", type=int, default=2,
+                    help="Torch threads per command; the models train one after another with all of them.")
     args = ap.parse_args()
     if not (args.shared / "siat500_brain_t2_256_f16ri.npy").exists():
         raise SystemExit(f"{args.shared} does not hold the SIAT data (see ../shared/data/README.md)")
     b = Bench(args.out.resolve(), args.quick, args.shared.resolve(), args.threads)
-    S = settings(args.quick)
-    if args.steps:
-        S["steps"] = args.steps
-    b.state.setdefault("settings", S)
+    S = settings(args)
+    old = b.state.get("settings")
+    if old and {k: v for k, v in old.items() if k not in ("steps", "threads")} != \
+            {k: v for k, v in S.items() if k not in ("steps", "threads")}:
+        raise SystemExit(f"{b.out} holds a run with other settings; use another --out")
     b.state["settings"] = S
     b.save()
     py = sys.executable
+    R_train, accels = S["train_accel"], S["test_accels"]
+    tag = lambda R: f"R{R:g}"  # noqa: E731
 
     # 1. data ---------------------------------------------------------------------------------
     def data():
         extra = ["--slices", S["slices"]] if S["slices"] else []
-        b.cmd([py, "-m", "data_prep", "siat", b.shared, "data", "--size", args.size, "--coils", 8, "--noise", 0.005,
-               "--seed", 0, "--overwrite", *extra], log=b.out / "data.log")
+        b.cmd([py, "-m", "data_prep", "siat", b.shared, "data", "--size", S["size"], "--coils", S["coils"],
+               "--noise", 0.005, "--seed", 0, "--overwrite", *extra], log=b.out / "data.log")
 
     b.stage("data", data)
 
     # 2. prep ---------------------------------------------------------------------------------
-    common = ["--mask-type", "poisson", "--center-lines", 8, "--maps", "espirit-torch", "--workers", 1 if S["quick"] else 2]
+    mask_type = "adps" if S["mask"] == "lines" else "poisson"
+    common = ["--mask-type", mask_type, "--center-lines", S["center"], "--workers", 1 if S["quick"] else 2]
+    acc = [a for R in accels for a in ("--accel", R)]
 
     def prep():
-        b.cmd(AMB + ["prep", "data/train", "prep/train", "--split", "train", "--accel", 8, "--seed", 0, *common],
-              log=b.out / "prep.log")
-        b.cmd(AMB + ["prep", "data/train", "prep/train_oracle", "--split", "val", "--accel", 8, "--seed", 0, *common],
-              log=b.out / "prep.log")
+        log = b.out / "prep.log"
+        b.cmd(AMB + ["prep", "data/train", "prep/train", "--split", "train", "--accel", R_train, "--seed", 0,
+                     "--maps", S["maps"], *common], log=log)
+        b.cmd(AMB + ["prep", "data/train", "prep/train_oracle", "--split", "val", "--accel", R_train, "--seed", 0,
+                     "--maps", S["maps"], *common], log=log)
         for split, seed in (("val", 1), ("test", 2)):
-            b.cmd(AMB + ["prep", f"data/{split}", f"prep/{split}", "--split", split, "--accel", 8, "--accel", 12,
-                         "--seed", seed, *common], log=b.out / "prep.log")
+            b.cmd(AMB + ["prep", f"data/{split}", f"prep/{split}", "--split", split, *acc, "--seed", seed,
+                         "--maps", S["maps"], *common], log=log)
+            if S["true_maps"] and split == S["eval_split"]:
+                b.cmd(AMB + ["prep", f"data/{split}", f"prep/{split}_truemaps", "--split", split, *acc, "--seed",
+                             seed, "--maps", "true", *common], log=log)
 
     b.stage("prep", prep)
 
-    # 4a. the L1 weight on validation (needed by the naive L1-EDM training data too) ----------------
+    # tuning set: the first validation volume; eval set: the test split, or (pilot) the other val volumes
+    def sets():
+        val_files = sorted((b.out / "prep" / "val" / tag(accels[0])).glob("*.h5"))
+        tune_name, n_eval = val_files[0].name, 0
+        for R in accels:
+            _subset(b.out / "prep" / "val" / tag(R) / tune_name, b.out / "sets" / f"tune_{tag(R)}" / tune_name,
+                    10 ** 6)
+            for variant in ("", "_truemaps") if S["true_maps"] else ("",):
+                src = b.out / "prep" / f"{S['eval_split']}{variant}" / tag(R)
+                files = sorted(src.glob("*.h5"))
+                if S["eval_split"] == "val":
+                    files = [f for f in files if f.name != tune_name]
+                n = sum(_subset(f, b.out / "sets" / f"eval{variant}_{tag(R)}" / f.name, 10 ** 6) for f in files)
+                n_eval = n if not variant else n_eval
+        return {"tune_volume": tune_name, "eval_slices": n_eval}
+
+    b.stage("sets", sets)
+    tune_set = lambda R: b.out / "sets" / f"tune_{tag(R)}"  # noqa: E731
+    eval_set = lambda R, v="": b.out / "sets" / f"eval{v}_{tag(R)}"  # noqa: E731
+
+    # 4a. the L1 weight on the tuning volume (needed by the naive L1-EDM training data too) -------------
     def tune_l1():
         from ambient_mri.recon import tune_lambda
 
-        out = {}
-        for R in (8, 12):
-            out[f"R{R}"] = tune_lambda(b.out / "prep" / "val" / f"R{R}", S["l1_tune_slices"], S["l1_iters"],
-                                       S["l1_candidates"])
+        out = {tag(R): tune_lambda(tune_set(R), S["l1_tune_slices"], S["l1_iters"], S["l1_candidates"])
+               for R in accels}
         (b.out / "l1_lambda.json").write_text(json.dumps(out, indent=2))
         return {"lam": {k: v["lam"] for k, v in out.items()}}
 
     b.stage("tune_l1", tune_l1)
-    lam8 = b.state["tune_l1"]["lam"]["R8"]
+    lam = b.state["tune_l1"]["lam"]
+    lam_train = lam[tag(min(accels, key=lambda R: abs(R - R_train)))]  # the tuned R nearest the training R
 
-    # 3. train: three models, same steps and batch, run side by side with one thread each ---------
-    runs = {"ambient": ("prep/train", ["loss.kind=ambient", "loss.further_accel=9"]),
+    # 3. train: three models, same steps and batch, one after another with every thread ------------
+    runs = {"ambient": ("prep/train", ["loss.kind=ambient", f"loss.further_accel={S['further_accel']:g}"]),
             "oracle": ("prep/train_oracle", ["loss.kind=oracle"]),
-            "naive": ("prep/train", ["loss.kind=naive_l1", f"loss.lam={lam8}", f"loss.l1_iters={S['l1_iters']}"])}
+            "naive": ("prep/train", ["loss.kind=naive_l1", f"loss.lam={lam_train}", f"loss.l1_iters={S['l1_iters']}"])}
 
     def train():
-        procs = {}
         for name, (data_dir, ov) in runs.items():
             args_ = AMB + ["train", "--config", "cpu64", "--data", data_dir, "--out", f"runs/{name}", "-q",
-                           f"train.steps={S['steps']}", f"train.batch={S['batch']}", "train.lr=6e-4",
-                           f"train.warmup={min(200, S['steps'] // 4)}", "train.ema_halflife=8000", "train.sample_every=0",
-                           f"train.ckpt_every={max(S['steps'] // 6, 10)}", *ov]
+                           f"train.steps={S['steps']}", f"train.batch={S['batch']}", f"train.lr={S['lr']}",
+                           f"train.warmup={min(200, S['steps'] // 4)}", f"train.ema_halflife={S['ema_halflife']}",
+                           "train.sample_every=0", f"train.ckpt_every={max(S['steps'] // 6, 10)}", *ov]
             if (b.out / "runs" / name / "checkpoint.pt").exists():
                 args_.append("--resume")
-            procs[name] = b.cmd(args_, background=True, log=b.out / f"train_{name}.log")
-        for name, p in procs.items():
-            if p.wait() != 0:
+            if b.cmd(args_, background=True, log=b.out / f"train_{name}.log").wait() != 0:
                 raise SystemExit(f"training {name} failed; see train_{name}.log")
         return {"throughput": {name: _throughput(b.out / "runs" / name) for name in runs}}
 
     b.stage("train", train)
     ck = {name: f"runs/{name}/checkpoint.pt" for name in runs}
 
-    # 4b. DPS step size l per model, on validation slices at R = 8 -----------------------------
+    # 4b. DPS step size l per model, on the tuning volume at the first test R -----------------------
     def tune_dps():
         from ambient_mri.evaluate import run_eval
 
-        chosen = {}
         scores = {}
-        val = b.out / "prep" / "val" / "R8"
-        first = sorted(val.glob("*.h5"))[0]
-        sub = b.out / "prep" / "val_tune"
+        sub = b.out / "sets" / "tune_dps"
         if not sub.exists():
+            first = sorted(tune_set(accels[0]).glob("*.h5"))[0]
             _subset(first, sub / first.name, S["tune_slices"])
-        for name, method in (("ambient", "adps"), ("oracle", "fsdps"), ("naive", "adps")):
+        for name, method in DPS.items():
             scores[name] = {}
             for l in S["l_candidates"]:
                 d = f"tune/{name}_l{l:g}"
                 b.cmd(AMB + ["recon", "--input", sub, "--out", d, "--method", method, "--checkpoint", ck[name],
                              "--steps", S["dps_steps"], "--step-size", l, "--no-nifti", "--no-png", "-q"],
                       log=b.out / "tune.log")
-                res = run_eval([b.out / d], sub, b.out / d / "report")
-                scores[name][str(l)] = res["summary"][0]["psnr_adps"][0]
-            chosen[name] = float(max(scores[name], key=scores[name].get))
-        return {"step_size": chosen, "scores": scores}
+                scores[name][f"{l:g}"] = run_eval([b.out / d], sub, b.out / d / "report")["summary"][0]["psnr_adps"][0]
+        return {"step_size": {n: float(max(sc, key=sc.get)) for n, sc in scores.items()}, "scores": scores}
 
     if S["quick"]:  # the smoke test does not tune: one candidate
         b.state.setdefault("tune_dps", {"step_size": {k: S["l_candidates"][0] for k in runs}, "done": True})
     b.stage("tune_dps", tune_dps)
     l = b.state["tune_dps"]["step_size"]
 
-    # 5. recon ----------------------------------------------------------------------------------
+    # 5. recon: every method on the same eval slices -----------------------------------------------
     def recon():
-        secs = {}
-        for R in (8, 12):
-            test = f"prep/test/R{R}"
-            sub = b.out / "prep" / f"test_dps_R{R}"
-            if not sub.exists():
-                files = sorted((b.out / test).glob("*.h5"))
-                n_left = S["dps_slices"]
-                for f in files:
-                    if n_left <= 0:
-                        break
-                    n_left -= _subset(f, sub / f.name, n_left)
-            jobs = [("zf", test, []), ("sense", test, []),
-                    ("l1", test, ["--lam", b.state["tune_l1"]["lam"][f"R{R}"]]),
-                    ("aos", test, ["--checkpoint", ck["ambient"]]),
-                    ("dc", test, ["--checkpoint", ck["ambient"], "--steps", S["dc_steps"]])]
-            for m, inp, extra in ([] if S["quick"] else jobs):  # the smoke test does the subset only
-                b.cmd(AMB + ["recon", "--input", inp, "--out", f"rec/R{R}/full/{m}", "--method", m, "--label", m,
-                             "--no-nifti", "-q", *extra], log=b.out / "recon.log")
-            dps = [("adps", "adps", "ambient"), ("fsdps", "fsdps", "oracle"), ("naive-dps", "adps", "naive")]
-            procs = []
-            for label, method, model in dps:
-                procs.append(b.cmd(AMB + ["recon", "--input", sub, "--out", f"rec/R{R}/sub/{label}", "--method",
-                                          method, "--label", label, "--checkpoint", ck[model], "--steps",
-                                          S["dps_steps"], "--step-size", l[model], "--no-nifti", "-q"],
-                                   background=True, log=b.out / f"recon_{label}.log"))
-                if len(procs) == 2:
-                    [p.wait() for p in procs]
-                    procs = []
-            [p.wait() for p in procs]
-            for m, inp, extra in jobs:
-                if m in ("zf", "sense", "l1", "aos", "dc"):
-                    b.cmd(AMB + ["recon", "--input", sub, "--out", f"rec/R{R}/sub/{m}", "--method", m, "--label", m,
-                                 "--no-nifti", "-q", *extra], log=b.out / "recon.log")
-        return secs
+        log = b.out / "recon.log"
+        for R in accels:
+            jobs = [("zf", "zf", []), ("sense", "sense", []), ("l1", "l1", ["--lam", lam[tag(R)]])]
+            for label, method, model in LEARNED:
+                extra = ["--checkpoint", ck[model]]
+                if method == "dc":
+                    extra += ["--steps", S["dc_steps"]]
+                if method in ("adps", "fsdps"):
+                    extra += ["--steps", S["dps_steps"], "--step-size", l[model]]
+                jobs.append((label, method, extra))
+            variants = [("", jobs)]
+            if S["true_maps"]:
+                variants.append(("_truemaps", [j for j in jobs if j[0] in ("l1", "dc", "oracle-dc")]))
+            for v, js in variants:
+                for label, method, extra in js:
+                    dest = b.out / "rec" / f"{tag(R)}{v}" / label
+                    b.cmd(AMB + ["recon", "--input", eval_set(R, v), "--out", dest, "--method", method, "--label",
+                                 label + ("+true maps" if v else ""), "--no-nifti", "--no-png", "-q", *extra], log=log)
 
     b.stage("recon", recon)
 
-    # 6. eval, memorisation, report -----------------------------------------------------------
+    # 6. eval, paired differences, memorisation, report ---------------------------------------------
     def evaluate():
         from ambient_mri.evaluate import run_eval
 
         out = {}
-        for R in (8, 12):
-            for part in (("sub",) if S["quick"] else ("full", "sub")):
-                dirs = sorted(p for p in (b.out / "rec" / f"R{R}" / part).iterdir() if p.is_dir())
-                ref = b.out / "prep" / "test" / f"R{R}" if part == "full" else b.out / "prep" / f"test_dps_R{R}"
-                res = run_eval(dirs, ref, b.out / "report" / f"R{R}_{part}")
-                out[f"R{R}_{part}"] = res["summary"]
-        return {"summary": out}
+        for R in accels:
+            for v in ("", "_truemaps") if S["true_maps"] else ("",):
+                dirs = sorted(p for p in (b.out / "rec" / f"{tag(R)}{v}").iterdir() if p.is_dir())
+                out[f"{tag(R)}{v}"] = run_eval(dirs, eval_set(R, v), b.out / "report" / f"{tag(R)}{v}")["summary"]
+        return {"summary": out, "paired": {tag(R): _paired(b.out / "report" / tag(R)) for R in accels}}
 
     b.stage("eval", evaluate)
 
@@ -293,6 +331,29 @@ def main():
     dest = args.docs or (b.out / "benchmarks.md")
     dest.write_text(report)
     print(f"report: {dest}")
+
+
+def _paired(report: Path) -> list[dict]:
+    """Paired PSNR (A-DPS) differences over the same slices: the best ambient sampler (highest mean) against
+    L1, the naive prior's best sampler and the oracle's best sampler; plus every ambient sampler against L1."""
+    import csv
+
+    import numpy as np
+
+    from ambient_mri.metrics import paired_difference
+
+    with open(report / "metrics_slices.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    per: dict = {}
+    for r in rows:
+        per.setdefault(r["label"], {})[(r["volume"], int(r["slice"]))] = float(r["psnr_adps"])
+    keys = sorted(per["l1"])
+    score = {k: np.array([v[s] for s in keys]) for k, v in per.items() if set(v) == set(keys)}
+    best = lambda labels: max((x for x in labels if x in score), key=lambda x: score[x].mean())  # noqa: E731
+    amb = best(["aos", "dc", "adps"])
+    pairs = [(amb, "l1"), (amb, best(["naive-dc", "naive-dps"])), (amb, best(["oracle-dc", "fsdps"]))]
+    pairs += [(x, "l1") for x in ("aos", "dc", "adps") if x in score and x != amb]
+    return [dict(paired_difference(score[a], score[c]), a=a, b=c) for a, c in pairs]
 
 
 def _subset(src: Path, dst: Path, n: int) -> int:
@@ -338,7 +399,7 @@ def _memorisation(b: Bench, ck: dict, n: int) -> dict:
         with h5py.File(p) as f:
             train_refs.append(np.abs(f["reference"][()]))
     train_refs = np.concatenate(train_refs)
-    out = {}
+    out, grids = {}, []
     for name, path in ck.items():
         d = b.out / "samples" / name
         if not (d / "samples.npy").exists():
@@ -347,7 +408,34 @@ def _memorisation(b: Bench, ck: dict, n: int) -> dict:
         s = np.load(d / "samples.npy")
         ncc, idx = nearest_ncc(s, train_refs)
         out[name] = summary(ncc)
+        grids.append(s[:8])
+    _sample_figure(grids, list(ck), b.out / "report" / "prior_samples.png")
     return out
+
+
+def _sample_figure(grids, names, path: Path) -> None:
+    """Unconditional prior samples of each model side by side: one row per model, each image scaled to its
+    99.5th percentile of magnitude."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    ncol = max(len(g) for g in grids)
+    fig, axes = plt.subplots(len(grids), ncol, figsize=(1.3 * ncol, 1.4 * len(grids)), squeeze=False)
+    for r, (g, name) in enumerate(zip(grids, names)):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(g):
+                m = np.abs(g[c])
+                ax.imshow(m, cmap="gray", vmin=0, vmax=np.percentile(m, 99.5) or 1)
+        axes[r][0].set_title(name, fontsize=8, loc="left")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def _fmt_pm(v, dec):
@@ -358,28 +446,33 @@ def _report(b: Bench, S: dict, args) -> str:
     import torch
 
     st = b.state
-    lines = ["# Benchmark: SIAT multi-coil brain, 64 x 64, 8 coils", ""]
+    what = {"lines": "1-D random lines (A-DPS)", "poisson": "2-D Poisson disc"}[S["mask"]]
+    lines = [f"# Benchmark: SIAT multi-coil brain, {S['size']} x {S['size']}, {S['coils']} coils, {what}", ""]
     lines += [f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
-              f"torch {torch.__version__}. Mode: {'QUICK (smoke test)' if b.quick else 'full'}. "
-              f"Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
-    lines += ["Reproduce: `python benchmarks/siat_benchmark.py --out OUT" + (" --quick" if b.quick else "") + "` "
-              "(every command it ran is in `OUT/commands.log`). Seeds: data 0, train masks 0, val masks 1, test "
-              "masks 2, training seed 0, sampler seed 0.", ""]
+              f"torch {torch.__version__}. Mode: {'QUICK (smoke test)' if b.quick else 'full'}; scored on the "
+              f"**{S['eval_split']}** split ({st.get('sets', {}).get('eval_slices')} slices per R; tuning volume "
+              f"{st.get('sets', {}).get('tune_volume')}, never scored). Generated "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", ""]
+    argv = " ".join(sys.argv[1:])
+    lines += [f"Reproduce: `python benchmarks/siat_benchmark.py {argv}` (every command it ran is in "
+              "`OUT/commands.log`). Seeds: data 0, train masks 0, val masks 1, test masks 2, training seed 0, "
+              "sampler seed 0.", ""]
     lines += ["## Settings", "", "```", json.dumps(S, indent=2), "```", ""]
     lines += ["## Stage wall times (s)", ""] + [f"- {k}: {v.get('seconds')}" for k, v in st.items()
                                                  if isinstance(v, dict) and "seconds" in v] + [""]
     thr = st.get("train", {}).get("throughput", {})
     if thr:
-        lines += ["## Training (three processes side by side, one thread each)", "",
+        lines += [f"## Training (one model after another, {S['threads']} threads each)", "",
                   "| model | steps | wall s | images/s (median) |", "|---|---|---|---|"]
         for k, v in thr.items():
             lines.append(f"| {k} | {v['steps']} | {v['wall_s']:.0f} | {v['images_per_s_median']:.2f} |")
         lines.append("")
-    lines += ["## Chosen on validation slices", "",
+    lines += ["## Chosen on the tuning volume (validation)", "",
               f"- L1-wavelet weight: {st.get('tune_l1', {}).get('lam')}",
-              f"- DPS step size l: {st.get('tune_dps', {}).get('step_size')} (scores: {st.get('tune_dps', {}).get('scores')})", ""]
+              f"- DPS step size l: {st.get('tune_dps', {}).get('step_size')} (PSNR per candidate: "
+              f"{st.get('tune_dps', {}).get('scores')})", ""]
     for key, summ in st.get("eval", {}).get("summary", {}).items():
-        lines += [f"## Test {key.replace('_', ', ')}", ""]
+        lines += [f"## {S['eval_split'].capitalize()} {key.replace('_truemaps', ', true coil maps')}", ""]
         lines += ["| method | R | slices | PSNR (A-DPS) | SSIM (A-DPS) | NRMSE | PSNR (fastMRI) | SSIM (fastMRI) | NMSE | s/slice | NFE |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in summ:
@@ -388,9 +481,18 @@ def _report(b: Bench, S: dict, args) -> str:
                          f"{_fmt_pm(r['ssim_fastmri'], 4)} | {_fmt_pm(r['nmse_fastmri'], 4)} | "
                          f"{r['seconds_per_slice']:.3g} | {r['nfe']} |")
         lines.append("")
+    paired = st.get("eval", {}).get("paired", {})
+    if paired:
+        lines += ["## Paired differences (PSNR A-DPS, dB, same slices; 95 % bootstrap interval, 10,000 resamples)", "",
+                  "| R | A | B | mean A - B | 95 % interval | slices |", "|---|---|---|---|---|---|"]
+        for R, rows in paired.items():
+            for r in rows:
+                lines.append(f"| {R} | {r['a']} | {r['b']} | {r['mean']:+.2f} | [{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['n']} |")
+        lines.append("")
     mem = st.get("memorisation", {}).get("memorisation")
     if mem:
-        lines += ["## Memorisation (nearest training slice by NCC, prior samples)", "",
+        lines += ["## Prior samples and memorisation (nearest training slice by NCC)", "",
+                  "![prior samples](report/prior_samples.png)", "",
                   "| model | n | mean | median | p95 | max | frac > 0.95 |", "|---|---|---|---|---|---|---|"]
         for k, v in mem.items():
             lines.append(f"| {k} | {v['n']} | {v['mean']:.4f} | {v['median']:.4f} | {v['p95']:.4f} | {v['max']:.4f} | "
