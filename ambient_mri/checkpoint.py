@@ -8,7 +8,8 @@ also swapped in by a rename: a kill at any moment leaves every checkpoint on dis
 Content (plain tensors, numbers, strings, lists and dicts only, so that ``weights_only=True`` reads it):
 ``format``, ``step``, ``model`` and ``ema`` state dicts, ``optimizer``, ``scaler`` (fp16), ``rng``
 (torch, CUDA, numpy and python states as tensors/lists), ``config`` (the full resolved config),
-``training`` (``kind``, ``corruption`` as ``masks.draw_training_further_masks`` expects it,
+``training`` (``kind``, ``corruption`` as plain data: ``corruption.Corruption.to_dict``, read with
+``corruption.from_dict``; data with their own masks add the ``bank`` of training masks,
 ``further_mask`` redraw|fixed, data manifest sha256, ...), ``version``, ``wall_s``.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import random
 import re
 import shutil
@@ -25,6 +27,8 @@ import numpy as np
 import torch
 
 from .errors import DataError
+from .fsutil import WriteGuard, atomic_path
+from .networks import build_denoiser
 
 FORMAT = "ambient_mri.checkpoint/1"
 LATEST = "checkpoint.pt"
@@ -71,8 +75,6 @@ def snapshot_path(run_dir, step: int) -> Path:
 
 
 def _write(obj, path: Path) -> None:
-    from .fsutil import WriteGuard, atomic_path
-
     with atomic_path(path, ".pt.tmp") as tmp:
         with open(tmp, "wb") as raw:
             f = WriteGuard(raw)  # a full disk: one clear OSError, not torch's "unexpected pos" RuntimeError
@@ -84,8 +86,6 @@ def _write(obj, path: Path) -> None:
 
 def _publish_latest(snapshot: Path, latest: Path) -> None:
     """Make ``latest`` a hard link to ``snapshot`` (a copy where links are impossible), via rename."""
-    from .fsutil import atomic_path
-
     tmp = latest.with_name(f".{latest.name}.{os.getpid()}.link.tmp")
     try:
         if tmp.exists():
@@ -146,8 +146,6 @@ def save_checkpoint(run_dir, payload: dict, *, keep: int = 3) -> Path:
 
 
 def _reason(e: BaseException) -> str:
-    import pickle
-
     text = str(e)
     if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in text:
         detail = text.split("WeightsUnpickler error:", 1)[-1] if "WeightsUnpickler error:" in text else \
@@ -207,8 +205,6 @@ def latest_checkpoint(run_dir, map_location="cpu", warn=None) -> tuple[Path, dic
 
 def build_from_checkpoint(ck: dict, ema: bool = True, device="cpu"):
     """The denoiser of a loaded checkpoint (EMA weights by default), in eval mode."""
-    from .networks import build_denoiser
-
     den = build_denoiser(ck["config"]["model"])
     sd = ck["ema"] if ema and ck.get("ema") is not None else ck["model"]
     den.load_state_dict(sd)
@@ -219,7 +215,7 @@ def load_denoiser(path, ema: bool = True, device="cpu"):
     """``(EDMDenoiser in eval mode, meta)`` from a checkpoint file (or a run folder: its newest checkpoint).
 
     ``meta``: ``{"path", "step", "config", "training", "version", "ema"}``; ``meta["training"]["corruption"]``
-    is what ``masks.draw_training_further_masks`` takes; ``meta["training"]["kind"]`` is
+    is the plain-data ``corruption.Corruption`` (``corruption.from_dict``); ``meta["training"]["kind"]`` is
     ambient | ambient_image | oracle | naive_zf | naive_l1."""
     path = Path(path)
     if path.is_dir():

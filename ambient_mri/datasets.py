@@ -23,11 +23,16 @@ import json
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
+from .baselines import l1_wavelet, zero_filled
+from .corruption import from_dict
 from .errors import DataError
+from .fsutil import atomic_path
 from .prepared import ARRAYS, FORMAT, read_manifest  # noqa: F401  (FORMAT, read_manifest: kept importable from here)
 from .prepared import attr_value as _attr
 
@@ -44,8 +49,6 @@ class PreparedDataset(Dataset):
     DOMAIN: str | None = None
 
     def __init__(self, root: str | os.PathLike, *, cache_mb: float = 512.0):
-        import h5py
-
         self.root = Path(root)
         self.manifest, self.manifest_sha256 = read_manifest(self.root)
         self.files = [self.root / e["file"] for e in self.manifest["files"]]
@@ -113,8 +116,6 @@ class PreparedDataset(Dataset):
 
     # -- reading
     def _file(self, fi: int):
-        import h5py
-
         if self._pid != os.getpid():  # a new worker process: never share HDF5 handles across fork
             self._handles, self._pid = {}, os.getpid()
         if fi not in self._handles:
@@ -155,6 +156,13 @@ class PreparedDataset(Dataset):
             except Exception:
                 pass
         self._handles = {}
+
+    def masks(self):
+        """The sampling masks ``M`` of every slice, one ``(S, h, W)`` bool array per file (what
+        ``corruption.MaskBank`` keeps for data with their own masks)."""
+        for fi in range(len(self.files)):
+            m = self._cache[fi]["mask"] if self._cache is not None else self._file(fi)["mask"][()]
+            yield np.asarray(m, dtype=bool)
 
     def where(self, fi: int, s) -> str:
         return f"{self.files[fi]}" + ("" if s is None else f" (slice {s})")
@@ -317,10 +325,6 @@ class NaiveDataset(Dataset):
 
     def compute(self, progress: bool = True) -> torch.Tensor:
         """Reconstruct every slice: ``(N, H, W)`` complex64."""
-        from tqdm import tqdm
-
-        from .baselines import l1_wavelet, zero_filled
-
         n = len(self.source)
         H, W = self.info["shape"]
         out = torch.empty(n, H, W, dtype=torch.complex64)
@@ -342,8 +346,6 @@ class NaiveDataset(Dataset):
         return out
 
     def _load(self, path):
-        import h5py
-
         path = Path(path)
         if not path.is_file():
             return None
@@ -356,10 +358,6 @@ class NaiveDataset(Dataset):
             return None
 
     def _save(self, path):
-        import h5py
-
-        from .fsutil import atomic_path
-
         with atomic_path(path, ".h5.tmp") as tmp:
             with h5py.File(tmp, "w") as f:
                 f.create_dataset("images", data=self.images.numpy())
@@ -411,20 +409,20 @@ def one_line(e: BaseException) -> str:
     return text
 
 
-def estimate_sigma_view(dataset, corruption: dict, *, max_slices: int = 512, seed: int = 0) -> float:
+def estimate_sigma_view(dataset, corruption, *, max_slices: int = 512, seed: int = 0) -> float:
     """Estimate, from the MEASURED data only, the RMS of what an ambient model's view misses:
     ``sigma_view^2 ~ E_s sum_{k not in M~_s} P(k) / (H W)``.
 
     ``P(k)``: the mean coil-summed energy ``sum_c |y_c(k)|^2`` at k-space location ``k`` over the slices
     whose mask samples it (masks are drawn independently of the images, so this estimates the
     image's spectrum without any unmeasured data), averaged in 32 radial bins; ``M~_s``: a further mask
-    drawn as in training. Image-domain data: the same with pixels instead of k-space locations.
+    drawn as in training (``corruption.further``; ``corruption``: a :class:`corruption.Corruption` or its
+    recorded dict). Image-domain data: the same with pixels instead of k-space locations.
     Used for ``model.sigma_view: null`` (see ``networks.EDMDenoiser``); a dataset without a further mask
     (oracle, naive) gives 0.
     """
-    from .masks import further_image_mask, further_kspace_mask
-
-    domain = corruption.get("domain")
+    corruption = from_dict(corruption)
+    domain = corruption.domain
     if domain not in ("kspace", "image"):
         return 0.0
     n = min(len(dataset), max_slices)
@@ -445,11 +443,6 @@ def estimate_sigma_view(dataset, corruption: dict, *, max_slices: int = 512, see
         sel = b == k
         P[k] = total[sel].sum().double() / count[sel].sum().clamp_min(1)
     P = P[b]
-    g = torch.Generator().manual_seed(seed)
-    if domain == "kspace":
-        key_f = "further_accel" if corruption.get("further_accel") is not None else "delta"
-        mt = further_kspace_mask(m, tuple(corruption["acs"]), generator=g, **{key_f: corruption[key_f]})
-    else:
-        mt = further_image_mask(m, corruption["kind"], corruption["further_level"], generator=g)
+    mt = corruption.further(m, torch.Generator().manual_seed(seed))
     missing = ~mt.expand(n, H, W)
     return float(torch.sqrt((P * missing).sum((1, 2)).mean() / (H * W)))

@@ -13,11 +13,18 @@
 
 from __future__ import annotations
 
+import datetime
+import gc
 import hashlib
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DistributedSampler
 
 from .errors import AmbientMRIError, ConfigError
 
@@ -55,8 +62,6 @@ def derived_seed(*parts) -> int:
 def resolve_device(name: str, env: DistEnv | None = None, *, option: str = "train.device"):
     """``auto`` (a GPU when there is one), ``cpu`` or ``cuda`` -> ``torch.device``; under DDP the local
     rank's GPU. ``cuda`` without a GPU is a :class:`ConfigError` naming ``option``."""
-    import torch
-
     env = env or DistEnv()
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{option}=cuda but no CUDA device is available")
@@ -69,8 +74,6 @@ def resolve_device(name: str, env: DistEnv | None = None, *, option: str = "trai
 def setup_device(name: str, env: DistEnv):
     """:func:`resolve_device`, the GPU's fast-math switches (cuDNN autotuning, TF32), and the process
     group when distributed (NCCL on GPU, gloo on CPU; 60 min timeout: rank 0 may be busy saving)."""
-    import torch
-
     device = resolve_device(name, env)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -78,10 +81,6 @@ def setup_device(name: str, env: DistEnv):
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if env.distributed:
-        import datetime
-
-        import torch.distributed as dist
-
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                     timeout=datetime.timedelta(minutes=60))
@@ -103,8 +102,6 @@ def wait_for(path: Path, what: str, timeout_s: float = 7 * 24 * 3600) -> None:
 
 def step_sampler(dataset, env: DistEnv, seed: int, batch: int):
     """A ``DistributedSampler`` (shuffled by ``seed + epoch``, ``set_epoch``) that can start mid-epoch."""
-    from torch.utils.data import DistributedSampler
-
     class StepSampler(DistributedSampler):
         def __init__(self):
             super().__init__(dataset, num_replicas=env.world, rank=env.rank, shuffle=True, seed=seed, drop_last=True)
@@ -163,8 +160,6 @@ def loss_denoiser(model, env: DistEnv, device):
     """The model as every training step calls it: DDP-wrapped when distributed, inside a :class:`_Call`."""
     net = model
     if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     return _Call(net, model)
 
@@ -177,9 +172,6 @@ def any_rank(flag: bool, env: DistEnv, device) -> bool:
     """True on every rank when ``flag`` is true on any (so that all ranks stop at the same step)."""
     if not env.distributed:
         return flag
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t)
     return t.item() > 0
@@ -189,9 +181,6 @@ def mean_over_ranks(value: float, env: DistEnv, device) -> float:
     """``(1 / world) sum_r value_r`` (float64 all-reduce)."""
     if not env.distributed:
         return value
-    import torch
-    import torch.distributed as dist
-
     t = torch.tensor([value], device=device, dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / env.world
@@ -201,8 +190,6 @@ def gather(obj, env: DistEnv) -> list:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank, then a barrier."""
     if not env.distributed:
         return [obj]
-    import torch.distributed as dist
-
     gathered = [None] * env.world
     dist.all_gather_object(gathered, obj)
     dist.barrier()
@@ -212,9 +199,5 @@ def gather(obj, env: DistEnv) -> list:
 def shut_down(env: DistEnv) -> None:
     """Destroy the process group (after the caller has dropped its DDP modules)."""
     if env.distributed:
-        import gc
-
-        import torch.distributed as dist
-
         gc.collect()
         dist.destroy_process_group()

@@ -20,10 +20,11 @@ noise ``eta``, all from the step's ``generator`` in that order, and calls the fu
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 
+from .corruption import Corruption
+from .distributed import derived_seed
+from .errors import ConfigError
 from .fft import fft2c
 from .operators import SenseOp
 
@@ -141,8 +142,6 @@ class FurtherMask:
     def __call__(self, mask: torch.Tensor, index: torch.Tensor, generator) -> torch.Tensor:
         if self.redraw:
             return self.draw(mask, generator=generator)
-        from .distributed import derived_seed
-
         return torch.cat([self.draw(mask[i : i + 1], generator=torch.Generator(device=mask.device).manual_seed(
             derived_seed("fixed-further-mask", self.seed, int(index[i])))) for i in range(len(mask))])
 
@@ -154,7 +153,7 @@ class EDMLoss:
         self.P_mean, self.P_std, self.weight = float(P_mean), float(P_std), weight
 
     @classmethod
-    def from_config(cls, loss, info: dict, seed: int):
+    def from_config(cls, loss, corruption, seed: int):
         return cls(P_mean=loss.P_mean, P_std=loss.P_std, weight=loss.weight)
 
     def sigma(self, like: torch.Tensor, generator) -> torch.Tensor:
@@ -175,18 +174,11 @@ class AmbientKspaceLoss(EDMLoss):
         self.further, self.domain = further, domain
 
     @classmethod
-    def from_config(cls, loss, info: dict, seed: int):
-        """``M~`` by :func:`masks.further_kspace_mask` with ``loss.further_accel`` or ``loss.delta``, keeping
-        the data's ACS block (``info["acs"]``; its width alone for line masks)."""
-        from .masks import further_kspace_mask
-
-        acs = tuple(int(v) for v in info["acs"])
-        if info["mask_shape"][0] == 1:
-            acs = (1, acs[1])
-        key = "further_accel" if loss.further_accel is not None else "delta"
-        draw = partial(further_kspace_mask, acs=acs, **{key: getattr(loss, key)})
-        return cls(FurtherMask(draw, redraw=loss.redraw, seed=seed), domain=loss.domain, P_mean=loss.P_mean,
-                   P_std=loss.P_std, weight=loss.weight)
+    def from_config(cls, loss, corruption, seed: int):
+        """``M~ = corruption.further(M)`` (``corruption.KspaceCorruption``: ``further_accel`` or ``delta``,
+        the data's ACS block kept)."""
+        return cls(FurtherMask(corruption.further, redraw=loss.redraw, seed=seed), domain=loss.domain,
+                   P_mean=loss.P_mean, P_std=loss.P_std, weight=loss.weight)
 
     def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
         y, mask = batch["kspace"], batch["mask"]
@@ -203,13 +195,11 @@ class AmbientImageLoss(EDMLoss):
         self.further = further
 
     @classmethod
-    def from_config(cls, loss, info: dict, seed: int):
-        """``M~`` by :func:`masks.further_image_mask` (the data's corruption, further level ``loss.delta``)."""
-        from .masks import further_image_mask
-
-        draw = partial(further_image_mask, kind=info["corruption"], level=loss.delta)
-        return cls(FurtherMask(draw, redraw=loss.redraw, seed=seed), P_mean=loss.P_mean, P_std=loss.P_std,
-                   weight=loss.weight)
+    def from_config(cls, loss, corruption, seed: int):
+        """``M~ = corruption.further(M)`` (``corruption.ImageCorruption``: the data's corruption, further
+        level ``loss.delta``)."""
+        return cls(FurtherMask(corruption.further, redraw=loss.redraw, seed=seed), P_mean=loss.P_mean,
+                   P_std=loss.P_std, weight=loss.weight)
 
     def __call__(self, denoiser, batch: dict, generator) -> torch.Tensor:
         y, mask = batch["image"], batch["mask"]
@@ -222,11 +212,10 @@ LOSSES = {"ambient": AmbientKspaceLoss, "ambient_image": AmbientImageLoss, "orac
           "naive_l1": EDMLoss}
 
 
-def build_loss(loss, info: dict, seed: int) -> EDMLoss:
-    """The loss object of ``loss.kind`` (``loss``: the config's ``loss`` section; ``info``: the prepared
-    data's ``dataset.info``; ``seed``: the run's seed, for fixed further masks)."""
+def build_loss(loss, corruption: Corruption, seed: int) -> EDMLoss:
+    """The loss object of ``loss.kind`` (``loss``: the config's ``loss`` section; ``corruption``: the run's
+    :class:`corruption.Corruption`, whose ``further`` draws ``M~``; ``seed``: the run's seed, for fixed
+    further masks)."""
     if loss.kind not in LOSSES:
-        from .errors import ConfigError
-
         raise ConfigError(f"unknown loss.kind {loss.kind!r} (choose from {', '.join(LOSSES)})")
-    return LOSSES[loss.kind].from_config(loss, info, seed)
+    return LOSSES[loss.kind].from_config(loss, corruption, seed)

@@ -23,17 +23,28 @@ import json
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
 import h5py
+import nibabel as nib
 import numpy as np
+import torch
+from tqdm import tqdm
 
+from . import baselines
+from .checkpoint import load_denoiser
+from .corruption import from_dict
 from .errors import AmbientMRIError, ConfigError, DataError
-from .fsutil import atomic_h5, atomic_path, claim
+from .fastmri_io import FastMRIVolume
+from .fft import fft2c, ifft2c
+from .fsutil import atomic_h5, atomic_path, claim, make_dir, write_json
+from .operators import InpaintOp, SenseOp
+from .prep import PrepOptions, prepare_volume, whitening_note
 from .prepared import UNITS_ATTR, UNITS_RAW, Scan, check_noise_std, is_prepared, load_prepared
+from .sampling import DEFAULT_STEPS, FURTHER, nfe, posterior
 
 MODEL_METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise")
 ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with an oracle checkpoint; adps / adps-noise refuse one
@@ -43,6 +54,10 @@ NOISE_AWARE = ("dc", "adps-noise", "fsdps-noise")  # samplers that weight the da
 DEFAULT_FURTHER = {"dc": "within"}
 CLASSICAL = ("zf", "sense", "l1")
 METHODS = MODEL_METHODS + CLASSICAL
+
+
+def _print(line: str, err: bool = False) -> None:
+    print(line, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def list_inputs(path: Path) -> list[Path]:
@@ -58,9 +73,6 @@ def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, c
     """Prepare a raw fastMRI file in memory (``prep.prepare_volume``). ``whiten``: ``True``/``False``/``None``
     (automatic: only a 2x-oversampled readout whose image corner is noise, ``prep.whitening_mode``);
     ``echo(line)`` gets one line naming the file when slices were left unwhitened for a reason."""
-    from .fastmri_io import FastMRIVolume
-    from .prep import PrepOptions, prepare_volume, whitening_note
-
     with FastMRIVolume(path) as vol:
         if not vol.is_undersampled and accel is None:
             raise ConfigError("this file is fully sampled: give --accel (and --mask-type) to undersample it", path)
@@ -80,8 +92,6 @@ def load_raw(path: Path, *, accel, mask_type, seed, center_lines, maps_method, c
 def kspace_crop(scan: Scan, shape: tuple[int, int]) -> Scan:
     """Crop the centre of k-space to ``shape`` (the whole field of view at a lower resolution), re-estimate
     nothing: maps are low-passed the same way and re-normalised, the data re-normalised by the ACS norm."""
-    from .fft import fft2c, ifft2c
-
     H, W = scan.shape
     h, w = shape
     if h > H or w > W:
@@ -160,26 +170,16 @@ class Reconstructor:
     further: str = "independent"
 
     def nfe(self) -> int:
-        from .sampling import nfe
-
         if self.method in CLASSICAL:
             return 0
         return nfe(self.method, self.steps or self.default_steps())
 
     def default_steps(self) -> int:
-        from .sampling import DEFAULT_STEPS
-
         return DEFAULT_STEPS.get(self.method, 0)
 
     def __call__(self, y, maps, mask, first_index: int, noise_std=None):
         """``y`` batch (numpy) -> (mean complex ``(B, H, W)``, std or None, data consistency ``(B,)``);
         ``noise_std (B,)`` goes to the noise-aware samplers."""
-        import torch
-
-        from . import baselines
-        from .operators import InpaintOp, SenseOp
-        from .sampling import posterior
-
         dev = torch.device(self.device)
         yt = torch.from_numpy(np.ascontiguousarray(y)).to(dev)
         mt = torch.from_numpy(np.ascontiguousarray(mask)).to(dev).float()
@@ -218,8 +218,6 @@ def _partial_dir(out: Path, stem: str) -> Path:
 def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, label: str, options: dict,
                      nifti: bool = True, png: bool = True, progress=None) -> Path | None:
     """Reconstruct every slice of ``scan`` (resuming from finished slices), then write the outputs."""
-    from .fsutil import make_dir
-
     final = out / f"{scan.path.stem}.h5"
     if final.exists():
         return None
@@ -278,7 +276,7 @@ def reconstruct_file(rec: Reconstructor, scan: Scan, out: Path, *, batch: int, l
     noise_used = rec.method in NOISE_AWARE
     attrs["noise_std_source"] = noise_source if noise_used else "not used (the method ignores the noise level)"
     if rec.method in MODEL_METHODS and rec.method != "aos":
-        clean = rec.meta["training"]["corruption"].get("domain", "kspace") == "clean"
+        clean = from_dict(rec.meta["training"]["corruption"]).domain == "clean"
         attrs["further_mask"] = "none (the model sees clean images)" if clean else rec.further
     if nifti:  # the by-products first: the .h5, written last, marks the file as finished
         write_nifti(out / f"{scan.path.stem}.nii.gz", np.abs(mean))
@@ -307,8 +305,6 @@ def _accel_label(scan: Scan) -> str:
 
 
 def write_nifti(path: Path, vol: np.ndarray) -> None:
-    import nibabel as nib
-
     img = nib.Nifti1Image(np.transpose(vol, (2, 1, 0)).astype(np.float32), np.eye(4))
     with atomic_path(path, ".nii.gz") as tmp:
         nib.save(img, str(tmp))
@@ -349,8 +345,6 @@ def parse_shard(spec: str | None) -> tuple[int, int]:
 
 def tune_lambda(val_dir: Path, slices: int, l1_iters: int, candidates=None) -> dict:
     """Choose the L1 weight on the first ``slices`` slices of a prepared VALIDATION folder (never test data)."""
-    from .baselines import choose_lambda
-
     parts = []
     n = 0
     for p in list_inputs(val_dir):
@@ -363,19 +357,18 @@ def tune_lambda(val_dir: Path, slices: int, l1_iters: int, candidates=None) -> d
             break
     y, m, s, r = (np.concatenate([getattr(sc, k) for sc in parts]) for k in ("y", "mask", "maps", "reference"))
     kw = {} if candidates is None else {"candidates": candidates}
-    return choose_lambda(y, s, m, r, iters=l1_iters, **kw).as_dict()
+    return baselines.choose_lambda(y, s, m, r, iters=l1_iters, **kw).as_dict()
 
 
 def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, seed=0, accel=None, mask_type="adps",
               center_lines=None, batch=8, device="auto", lam=None, tune_on=None, tune_slices=8, step_size=None,
               cg_iters=None, churn=None, shard=None, label=None, matrix="refuse", maps_method="espirit",
               sense_iters=30, l1_iters=100, nifti=True, png=True, ema=True, quiet=False, whiten=None, noise_std=None,
-              further=None) -> list[Path]:
+              further=None, echo=None) -> list[Path]:
     """Reconstruct every input file; returns the written outputs (skipping finished ones). ``whiten``
-    applies to raw inputs only (``True``/``False``/``None`` = automatic, as ``prep --whiten``)."""
-    import torch
-    from tqdm import tqdm
-
+    applies to raw inputs only (``True``/``False``/``None`` = automatic, as ``prep --whiten``).
+    ``echo(line, err=False)`` gets the per-file lines (default: print; ``err`` lines go to stderr)."""
+    echo = echo or _print
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r} (choose from {', '.join(METHODS)})")
     if samples < 1 or batch < 1:
@@ -384,8 +377,6 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         raise ConfigError(f"--accel must be >= 1 (got {accel})")
     if noise_std is not None and not (math.isfinite(noise_std) and noise_std >= 0):
         raise ConfigError(f"--noise-std must be a finite number >= 0 (got {noise_std})")
-    from .sampling import FURTHER
-
     further = further or DEFAULT_FURTHER.get(method, "independent")
     if further not in FURTHER:
         raise ConfigError(f"--further-mask must be one of {', '.join(FURTHER)} (got {further!r})")
@@ -396,8 +387,6 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     if method in MODEL_METHODS:
         if checkpoint is None:
             raise ConfigError(f"--method {method} needs --checkpoint")
-        from .checkpoint import load_denoiser
-
         denoiser, meta = load_denoiser(checkpoint, ema=ema, device=device)
         for p in denoiser.parameters():
             p.requires_grad_(False)
@@ -436,8 +425,6 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     out = Path(out)
     if out.resolve() in {p.parent.resolve() for p in files}:
         raise ConfigError("--out is the input folder (inputs are never overwritten)", out)
-    from .fsutil import make_dir
-
     make_dir(out)
     options = {"method": method, "checkpoint": str(checkpoint) if checkpoint else None, "steps": rec.steps or rec.default_steps(),
                "samples": samples, "seed": seed, "accel": accel, "mask_type": mask_type, "lam": lam,
@@ -453,7 +440,7 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         with claim(final) as mine:
             if not mine:
                 if not quiet:
-                    click.echo(f"skip {p.name}: another process is reconstructing it", err=True)
+                    echo(f"skip {p.name}: another process is reconstructing it", err=True)
                 continue
             try:
                 if is_prepared(p):
@@ -461,13 +448,13 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
                 else:
                     scan = load_raw(p, accel=accel, mask_type=mask_type, seed=seed, center_lines=center_lines,
                                     maps_method=maps_method, crop=None, whiten=whiten,
-                                    echo=None if quiet else (lambda line: click.echo(line, err=True)))
+                                    echo=None if quiet else (lambda line: echo(line, err=True)))
             except DataError as e:  # a bad input file: report it, reconstruct the others
                 failed.append(str(e))
-                click.echo(f"failed: {e}", err=True)
+                echo(f"failed: {e}", err=True)
                 continue
             if meta is not None:
-                train_shape = tuple(meta["training"]["corruption"]["shape"])
+                train_shape = from_dict(meta["training"]["corruption"]).shape
                 if scan.shape != train_shape:
                     if matrix == "refuse":
                         raise ConfigError(f"scan matrix {scan.shape[0]}x{scan.shape[1]} differs from the model's "
@@ -486,11 +473,9 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
                 written.append(res)
                 if not quiet:
                     with h5py.File(res) as f:
-                        click.echo(f"{res.name}: {f.attrs['seconds_per_slice']:.3f} s/slice, NFE {f.attrs['nfe']}, "
+                        echo(f"{res.name}: {f.attrs['seconds_per_slice']:.3f} s/slice, NFE {f.attrs['nfe']}, "
                                    f"data consistency {float(np.mean(f['data_consistency'][()])):.4f}")
     if lam_record is not None:
-        from .fsutil import write_json
-
         write_json(out / "lambda_choice.json", lam_record)
     try:
         (out / ".partial").rmdir()  # only when empty: another process may still be writing into it
@@ -500,72 +485,3 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         raise DataError(f"{len(failed)} of {len(files)} input file(s) failed (the others were reconstructed); "
                         f"first: {failed[0]}")
     return written
-
-
-@click.command(name="recon")
-@click.option("--input", "inputs", required=True, type=click.Path(exists=True),
-              help="A prepared val/test folder or file, or raw fastMRI-layout .h5 file(s) (folder or file).")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder (one .h5 per input).")
-@click.option("--method", required=True, type=click.Choice(METHODS),
-              help="adps: A-DPS as published (ambient model); fsdps: DPS with an oracle model; adps-noise / "
-                   "fsdps-noise: the same with the likelihood step sized by the noise level; aos: one-step; dc: our "
-                   "fast Heun sampler with noise-weighted CG data consistency; zf: zero-filled A^H y; sense: "
-                   "CG-SENSE; l1: L1-wavelet.")
-@click.option("--checkpoint", type=click.Path(exists=True), help="Checkpoint (or run folder) for model methods.")
-@click.option("--steps", type=int, help="Sampler steps (default: 500 adps/fsdps, 25 dc).")
-@click.option("--samples", default=1, show_default=True, help="Posterior samples per scan (mean and std are saved).")
-@click.option("--seed", default=0, show_default=True, help="Sampler seed (and mask seed for --accel).")
-@click.option("--accel", type=float, help="Undersample fully sampled raw inputs at this acceleration.")
-@click.option("--mask-type", default="adps", show_default=True,
-              type=click.Choice(("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson")),
-              help="Mask for --accel.")
-@click.option("--center-lines", type=int, help="ACS lines (or calibration side for 2-D masks) for --accel.")
-@click.option("--batch", default=8, show_default=True, help="Slices reconstructed together.")
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--lam", type=float, help="L1-wavelet weight (or choose it with --tune-on).")
-@click.option("--tune-on", type=click.Path(exists=True, file_okay=False),
-              help="Prepared VALIDATION folder on which to choose the L1 weight (recorded in the outputs).")
-@click.option("--tune-slices", default=8, show_default=True, help="Validation slices used by --tune-on.")
-@click.option("--step-size", type=float, help="A-DPS/FS-DPS normalised step l (published: 1).")
-@click.option("--cg-iters", type=int, help="dc: CG iterations per evaluation (default 5).")
-@click.option("--churn", type=float, help="dc: EDM stochastic churn (default 0: deterministic given the seed).")
-@click.option("--noise-std", type=float,
-              help="Noise std of one k-space sample of one coil in prepared units (E|n|^2 = s^2) for dc, adps-noise "
-                   "and fsdps-noise. Default: the prepared file's noise_std; where unknown, estimated from the "
-                   "outermost measured k-space samples (recorded as noise_std_source).")
-@click.option("--further-mask", "further", default=None, type=click.Choice(("independent", "within")),
-              help="adps, adps-noise, dc with an ambient model: draw M~ from the training distribution independently "
-                   "of the test mask (published A-DPS; default for adps, adps-noise), or inside the test mask (the "
-                   "training rule applied to it; default for dc).")
-@click.option("--shard", help="i/n: reconstruct every n-th input starting at i (run n processes; outputs merge "
-                              "into the same --out folder).")
-@click.option("--label", help="Name of this run in 'ambient-mri eval' tables (default: the method).")
-@click.option("--matrix", default="refuse", show_default=True, type=click.Choice(("refuse", "crop", "native")),
-              help="When the scan's matrix differs from the model's: refuse, crop k-space to the model's matrix, "
-                   "or run the size-agnostic network at the scan's matrix.")
-@click.option("--maps", "maps_method", default="espirit", show_default=True,
-              help="Coil-map method for raw inputs (espirit, lowres, espirit-torch).")
-@click.option("--whiten/--no-whiten", default=None,
-              help="Raw inputs: prewhiten the coils with the noise of the 30x30 image corner. Default: only when "
-                   "the header's readout is 2x oversampled and the corner is noise (as 'prep'); --whiten "
-                   "also without oversampling, failing if the corner is not noise.")
-@click.option("--sense-iters", default=30, show_default=True, help="CG-SENSE iterations.")
-@click.option("--l1-iters", default=100, show_default=True, help="L1-wavelet iterations.")
-@click.option("--nifti/--no-nifti", default=True, show_default=True, help="Also write a NIfTI magnitude volume.")
-@click.option("--png/--no-png", default=True, show_default=True, help="Also write a PNG preview.")
-@click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights of the checkpoint.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-file lines.")
-def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_type, center_lines, batch, device,
-            lam, tune_on, tune_slices, step_size, cg_iters, churn, noise_std, further, shard, label, matrix,
-            maps_method, sense_iters, l1_iters, nifti, png, ema, quiet, whiten):
-    """Reconstruct undersampled scans; writes fastMRI-layout reconstructions (mean, std over samples, data
-    consistency), NIfTI volumes and PNG previews. Resumable per slice; --shard splits a folder over
-    processes or GPUs."""
-    written = run_recon(inputs, out, method, checkpoint=checkpoint, steps=steps, samples=samples, seed=seed,
-                        accel=accel, mask_type=mask_type, center_lines=center_lines, batch=batch, device=device,
-                        lam=lam, tune_on=tune_on, tune_slices=tune_slices, step_size=step_size, cg_iters=cg_iters,
-                        churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
-                        sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema, quiet=quiet,
-                        whiten=whiten, noise_std=noise_std, further=further)
-    if not quiet:
-        click.echo(f"wrote {len(written)} reconstruction(s) to {out}")

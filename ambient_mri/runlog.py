@@ -10,8 +10,12 @@ from __future__ import annotations
 import csv
 import os
 import signal
+import threading
 import time
 from pathlib import Path
+
+from .checkpoint import save_checkpoint
+from .fsutil import atomic_path, write_json
 
 METRICS_COLUMNS = ("step", "loss", "lr", "images_per_s", "wall_s", "grad_norm")
 LABELS = {
@@ -49,8 +53,6 @@ class RunLog:
             self.tb = None
 
     def _truncate(self, step: int):
-        from .fsutil import atomic_path
-
         with open(self.metrics, newline="") as f:
             rows = list(csv.reader(f))
         keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) <= step]
@@ -148,16 +150,12 @@ class Checkpoints:
     def save(self, step: int, wall: float):
         if not self.env.main:
             return None
-        from .checkpoint import save_checkpoint
-
         return save_checkpoint(self.out, self.payload(step, wall), keep=self.keep)
 
 
 def write_done(out: Path, *, step: int, steps: int, world: int, hashes: list, ema_sha256: str, checkpoint: str,
                wall_s: float, kind: str) -> None:
     """``RUN/done.json``: the finished run, with each rank's parameter hash (DDP ranks must agree)."""
-    from .fsutil import write_json
-
     write_json(out / "done.json", {"step": step, "steps": steps, "world_size": world, "params_sha256_per_rank": hashes,
                                    "ema_sha256": ema_sha256, "ranks_in_sync": len(set(hashes)) == 1,
                                    "checkpoint": checkpoint, "wall_s": wall_s, "kind": kind})
@@ -174,8 +172,6 @@ class StopRequest:
         self._old = {}
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for s in (signal.SIGINT, signal.SIGTERM):
                 self._old[s] = signal.signal(s, self._handle)

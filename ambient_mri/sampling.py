@@ -14,15 +14,24 @@ All samplers take a ``torch.Generator`` so one seed gives one posterior sample p
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import h5py
+import numpy as np
 import torch
+from PIL import Image
+from tqdm import tqdm
 
+from .checkpoint import file_sha256, load_denoiser
+from .corruption import Corruption, from_dict
+from .distributed import resolve_device
 from .errors import AmbientMRIError, ConfigError
-from .masks import draw_training_further_masks, further_masks_within
+from .fsutil import atomic_path, make_dir, write_json
 from .operators import InpaintOp, SenseOp, conjugate_gradient
 
 METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise")
@@ -65,20 +74,18 @@ class View:
 def model_view(meta: dict, batch: int, *, shape, maps=None, seed: int = 0, device=None, within=None) -> View:
     """Draw the fixed further mask for ``batch`` chains and build the view.
 
-    ``within=None`` (published A-DPS): ``M~`` from the checkpoint's training distribution
-    (``meta["corruption"]``, drawn at the test matrix ``shape``), independent of the test mask.
-    ``within=M_test``: the training further-corruption rule applied to the test mask
-    (``masks.further_masks_within``), so ``M~ <= M_test``. ``maps (batch, C, H, W)``: the coil maps of the
-    k-space view ``S^H F^-1 M~ F S``; None means single-coil (``S = 1``)."""
-    corruption = dict(meta["corruption"], shape=list(shape))
-    domain = corruption.get("domain", "kspace")
-    if domain == "clean":
+    ``meta["corruption"]``: the model's :class:`corruption.Corruption` (or its recorded dict), used at the
+    test matrix ``shape``. ``within=None`` (published A-DPS): ``M~ = corruption.draw(batch, seed)``, from the
+    training distribution independently of the test mask (for data with their own masks, ``M`` from the
+    bank of training masks). ``within=M_test``: ``corruption.within(M_test, batch, seed)``, the training
+    further-corruption rule applied to the test mask, so ``M~ <= M_test``. ``maps (batch, C, H, W)``: the
+    coil maps of the k-space view ``S^H F^-1 M~ F S``; None means single-coil (``S = 1``)."""
+    corruption = from_dict(meta["corruption"])
+    if corruption.domain == "clean":
         return View("clean")
-    if within is None:
-        fm = draw_training_further_masks(corruption, batch, seed=seed)
-    else:
-        fm = further_masks_within(within, corruption, batch, seed=seed)
-    return View(domain, fm.to(device), maps)
+    corruption = corruption.at(shape)
+    fm = corruption.draw(batch, seed) if within is None else corruption.within(within, batch, seed)
+    return View(corruption.domain, fm.to(device), maps)
 
 
 def make_operator(y: torch.Tensor, maps: torch.Tensor | None, mask) -> SenseOp | InpaintOp:
@@ -360,7 +367,7 @@ def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Te
     noise_k = None
     if noise_std is not None and method in NOISE_AWARE:
         noise_k = torch.as_tensor(noise_std, dtype=torch.float32, device=dev).reshape(-1).expand(B).repeat(K)
-    domain = meta["corruption"].get("domain", "kspace")
+    domain = from_dict(meta["corruption"]).domain
     g = torch.Generator(device=dev).manual_seed(int(seed))
     steps = steps or DEFAULT_STEPS[method]
     t0 = time.perf_counter()
@@ -393,9 +400,6 @@ def training_maps(data_root, n: int, *, shape=None, seed: int = 0) -> tuple:
     """Coil maps of ``n`` training slices drawn at random (seeded) from the prepared files in ``data_root``:
     ``(maps (n, C, H, W) complex64, [(file name, slice), ...])``. A missing folder, no readable ``maps``,
     or maps of another matrix than ``shape`` raise a one-line :class:`AmbientMRIError`."""
-    import h5py
-    import numpy as np
-
     root = Path(data_root)
     files = sorted(p for p in root.glob("*.h5") if not p.name.startswith(".")) if root.is_dir() else []
     counts = []
@@ -430,30 +434,29 @@ def training_maps(data_root, n: int, *, shape=None, seed: int = 0) -> tuple:
     return maps, names
 
 
-def draw_prior_samples(denoiser, corruption: dict, n: int, *, steps: int = 18, seed: int = 0, batch: int | None = None,
+def draw_prior_samples(denoiser, corruption, n: int, *, steps: int = 18, seed: int = 0, batch: int | None = None,
                        device="cpu", progress: bool = False, maps=None):
     """``n`` prior samples ``(n, H, W)`` complex64 (CPU) and the further masks they used (``(n, h, W)`` bool;
     all ones for oracle/naive models).
 
-    ``M~`` of sample ``i`` is ``masks.draw_training_further_masks(corruption, n, seed=seed)[i]``, held fixed
-    over the steps; the noise comes from one ``torch.Generator(device)`` seeded with ``seed`` and consumed
-    batch after batch (so the samples depend on ``batch``). Per batch of ``b`` samples this calls
-    :func:`prior_sample` ``(denoiser, View(domain, M~[i:i+b]), (b, H, W), steps=steps, generator=g)`` with
-    ``domain`` = ``corruption["domain"]`` (``kspace``: ``View("kspace", M~, maps[i:i+b])``, the view
-    ``S^H F^-1 M~ F S x`` a k-space model was trained on; ``image``; ``clean``: ``View("clean")``).
+    ``corruption``: the model's :class:`corruption.Corruption` (or its recorded dict). ``M~`` of sample ``i``
+    is ``corruption.draw(n, seed)[i]``, held fixed over the steps; the noise comes from one
+    ``torch.Generator(device)`` seeded with ``seed`` and consumed batch after batch (so the samples depend on
+    ``batch``). Per batch of ``b`` samples this calls :func:`prior_sample` ``(denoiser, View(domain,
+    M~[i:i+b]), (b, H, W), steps=steps, generator=g)`` (``kspace``: ``View("kspace", M~, maps[i:i+b])``, the
+    view ``S^H F^-1 M~ F S x`` a k-space model was trained on; ``image``; ``clean``: ``View("clean")``).
 
     ``maps``: ``(n, C, H, W)`` coil maps for a k-space model (:func:`training_maps`). ``None`` means
     single-coil identity maps, correct only for a model trained on single-coil data.
     """
-    from tqdm import tqdm
-
-    H, W = corruption["shape"]
-    domain = corruption.get("domain", "kspace")
     try:
-        fmasks = draw_training_further_masks(corruption, n, seed=seed)
+        corruption = from_dict(corruption)
+        H, W = corruption.shape
+        fmasks = corruption.draw(n, seed)
     except (KeyError, TypeError, ValueError, ConfigError) as e:
-        raise AmbientMRIError(f"cannot redraw the training further masks from the recorded corruption "
-                              f"{corruption} ({' '.join(str(e).split())[:120]})") from None
+        raise AmbientMRIError(f"cannot draw the training further masks of the recorded corruption "
+                              f"({' '.join(str(e).split())[:200]})") from None
+    domain = corruption.domain
     batch = batch or n
     device = torch.device(device)
     g = torch.Generator(device=device).manual_seed(int(seed))
@@ -474,8 +477,6 @@ def draw_prior_samples(denoiser, corruption: dict, n: int, *, steps: int = 18, s
 def magnitude_grid(samples, ncol: int | None = None, pad: int = 2):
     """``(N, H, W)`` complex -> uint8 ``(rows (H + pad), cols (W + pad))`` grid of magnitudes, each image
     scaled by its own 99.5th percentile."""
-    import numpy as np
-
     x = np.abs(np.asarray(samples))
     n, H, W = x.shape
     ncol = ncol or int(math.ceil(math.sqrt(n)))
@@ -491,23 +492,72 @@ def magnitude_grid(samples, ncol: int | None = None, pad: int = 2):
 
 def save_grid(samples, path, ncol: int | None = None) -> Path:
     """Write :func:`magnitude_grid` as a PNG, atomically."""
-    from PIL import Image
-
-    from .fsutil import atomic_path
-
     path = Path(path)
     with atomic_path(path, ".png.tmp") as tmp:
         Image.fromarray(magnitude_grid(samples, ncol)).save(tmp, format="PNG")
     return path
 
 
-def sample_grid(denoiser, corruption: dict, path, n: int, *, steps: int = 18, seed: int = 0, device="cpu",
+def sample_grid(denoiser, corruption, path, n: int, *, steps: int = 18, seed: int = 0, device="cpu",
                 maps_from=None) -> Path:
     """Draw ``n`` prior samples of a model (:func:`draw_prior_samples`) and save their magnitude grid as a PNG
     at ``path``. A k-space model sees the coil maps of ``n`` training slices from the prepared folder
     ``maps_from`` (:func:`training_maps`, seeded by ``seed``), as ``ambient-mri sample`` does."""
+    corruption = from_dict(corruption)
     maps = None
-    if corruption.get("domain", "kspace") == "kspace":
-        maps, _ = training_maps(maps_from, n, shape=corruption["shape"], seed=seed)
+    if corruption.domain == "kspace":
+        maps, _ = training_maps(maps_from, n, shape=corruption.shape, seed=seed)
     x, _ = draw_prior_samples(denoiser, corruption, n, steps=steps, seed=seed, device=device, maps=maps)
     return save_grid(x, path)
+
+
+def write_outputs(out_dir, samples, fmasks, info: dict) -> dict:
+    """``samples.png``, ``samples.npy``, ``samples.h5`` and ``sample.json`` in ``out_dir`` (atomic)."""
+    out_dir = Path(out_dir)
+    x = samples.numpy().astype(np.complex64)
+    files = {"png": out_dir / "samples.png", "npy": out_dir / "samples.npy", "h5": out_dir / "samples.h5",
+             "json": out_dir / "sample.json"}
+    save_grid(x, files["png"])
+    with atomic_path(files["npy"], ".npy.tmp") as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, x)
+    with atomic_path(files["h5"], ".h5.tmp") as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("samples", data=x)
+            f.create_dataset("further_mask", data=fmasks.numpy().astype(bool))
+            for k, v in info.items():
+                f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v)
+    write_json(files["json"], dict(info, files={k: v.name for k, v in files.items()}))
+    return files
+
+
+def run_sample(checkpoint, n: int, out, *, steps: int = 18, seed: int = 0, batch: int | None = None,
+               device: str = "auto", ema: bool = True, maps_from=None, progress: bool = True) -> tuple[dict, dict]:
+    """``ambient-mri sample``: ``n`` prior samples of a checkpoint (:func:`draw_prior_samples`, k-space models
+    with the coil maps of training slices from ``maps_from`` or the recorded training folder) written by
+    :func:`write_outputs` into ``out``. Returns ``(info, files)``."""
+    make_dir(out)  # an unwritable output folder: one line now, not after drawing the samples
+    dev = resolve_device(device, option="--device")
+    den, meta = load_denoiser(checkpoint, ema=ema, device=dev)
+    recorded = meta["training"]["corruption"]
+    corruption = from_dict(recorded)
+    maps, maps_info = None, None
+    if corruption.domain == "kspace":
+        root = maps_from or (meta["training"].get("data") or {}).get("root")
+        if root is None:
+            raise ConfigError("the checkpoint records no training data folder: give --maps-from PREPARED_TRAIN_DIR")
+        maps, names = training_maps(root, n, shape=corruption.shape, seed=seed)
+        maps_info = {"from": os.fspath(Path(root).resolve()), "slices": [list(v) for v in names]}
+    samples, fmasks = draw_prior_samples(den, corruption, n, steps=steps, seed=seed, batch=batch, device=dev,
+                                         progress=progress, maps=maps)
+    if not torch.isfinite(torch.view_as_real(samples)).all():
+        raise AmbientMRIError("the sampler produced NaN or Inf (is the checkpoint trained?)", meta["path"])
+    shown = {k: v for k, v in corruption.to_dict().items() if k != "bank"}  # the bank: its size only
+    if getattr(corruption, "bank", None) is not None:
+        shown["bank"] = {"masks": len(corruption.bank), "seen": corruption.bank.seen,
+                         "distinct": corruption.bank.distinct}
+    info = {"checkpoint": os.fspath(Path(meta["path"]).resolve()), "checkpoint_sha256": file_sha256(meta["path"]),
+            "step": meta["step"], "kind": meta["training"].get("kind"), "ema": meta["ema"], "n": n, "steps": steps,
+            "seed": seed, "batch": batch or n, "device": str(dev), "corruption": shown, "sampler": "fixed-mask Heun",
+            "maps": maps_info}
+    return info, write_outputs(out, samples, fmasks, info)

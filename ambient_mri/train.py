@@ -26,20 +26,30 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import click
+import torch
+from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from . import __version__
-from .config import CLEAN_KINDS, RESUMABLE_KEYS, Config, apply_overrides, changed_keys, dump_yaml, load_config
+from .checkpoint import (file_sha256, latest_checkpoint, load_checkpoint, params_sha256, remove_stale_temporaries,
+                         rng_state, set_rng_state)
+from .config import RESUMABLE_KEYS, Config, apply_overrides, changed_keys, dump_yaml, load_config
+from .corruption import Corruption, from_data
+from .datasets import NaiveDataset, build_dataset, collate, estimate_sigma_view, one_line, read_manifest
 from .distributed import (DistEnv, any_rank, batches_from, derived_seed, dist_env, gather, loss_denoiser,
                           mean_over_ranks, resolve_device, setup_device, shut_down, step_sampler, wait_for)
 from .errors import ConfigError, DataError
+from .fsutil import atomic_path, make_dir
+from .losses import build_loss
+from .networks import build_denoiser
 from .runlog import (LABELS, METRICS_COLUMNS, Checkpoints, RunLog, StopRequest, Window, describe_run,
                      write_done)
+from .sampling import sample_grid
 
 # public names; DistEnv, dist_env, derived_seed, resolve_device, loss_denoiser (distributed) and RunLog, LABELS,
 # METRICS_COLUMNS (runlog) moved out and stay importable from here (tests and benchmarks import them)
-__all__ = ["train", "command", "DistEnv", "dist_env", "derived_seed", "resolve_device", "loss_denoiser", "RunLog",
-           "LABELS", "METRICS_COLUMNS", "ema_beta", "lr_at", "autocast_hooks", "corruption_for", "check_against_data"]
+__all__ = ["train", "DistEnv", "dist_env", "derived_seed", "resolve_device", "loss_denoiser", "RunLog",
+           "LABELS", "METRICS_COLUMNS", "ema_beta", "lr_at", "autocast_hooks", "check_against_data"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,8 +76,6 @@ def lr_at(cfg_train, step: int) -> float:
 def autocast_hooks(module, device_type: str, dtype):
     """Run ``module.forward`` under ``torch.autocast(device_type, dtype)`` and return fp32 (hooks keep the
     state-dict keys unchanged); the complex FFTs and the loss around it stay fp32."""
-    import torch
-
     stack = []
 
     def pre(mod, args):
@@ -100,10 +108,6 @@ class TrainState:
 def build_state(cfg: Config, device, env: DistEnv, ck: dict | None = None, init=None, init_ck: dict | None = None):
     """Model and EMA (the same initial weights on every rank: ``torch.manual_seed(train.seed)``), Adam(W)
     (fused when available), then the weights of the resumed checkpoint ``ck`` or of ``--init``."""
-    import torch
-
-    from .checkpoint import file_sha256, set_rng_state
-    from .networks import build_denoiser
 
     T = cfg.train
     torch.manual_seed(T.seed)
@@ -148,8 +152,6 @@ def build_state(cfg: Config, device, env: DistEnv, ck: dict | None = None, init=
 def optimizer_step(state: TrainState, loss, params: list, grad_clip: float) -> float | None:
     """``backward`` (fp16: scaled), non-finite gradients zeroed (fp32), ``||g||`` clipped to ``grad_clip``,
     one optimiser step. Returns ``||g||`` before clipping (None without clipping)."""
-    import torch
-
     opt, scaler = state.opt, state.scaler
     opt.zero_grad(set_to_none=True)
     (scaler.scale(loss) if scaler is not None else loss).backward()
@@ -170,8 +172,6 @@ def optimizer_step(state: TrainState, loss, params: list, grad_clip: float) -> f
 
 def ema_update(ema, model, beta: float) -> None:
     """``theta_ema <- beta theta_ema + (1 - beta) theta`` for the parameters; buffers copied."""
-    import torch
-
     with torch.no_grad():
         torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in model.parameters()], 1.0 - beta)
         for b_e, b_m in zip(ema.buffers(), model.buffers()):
@@ -180,26 +180,6 @@ def ema_update(ema, model, beta: float) -> None:
 
 # ----------------------------------------------------------------------------------------------
 # The run: config, data, then the loop
-
-
-def corruption_for(cfg: Config, info: dict) -> dict:
-    """The ``corruption`` dict of ``masks.draw_training_further_masks`` for this config and data."""
-    H, W = (int(v) for v in info["shape"])
-    kind = cfg.loss.kind
-    if kind in CLEAN_KINDS:
-        return {"domain": "clean", "shape": [H, W]}
-    if kind == "ambient_image":
-        return {"domain": "image", "kind": info.get("corruption"), "level": float(info.get("level", 0.0)),
-                "further_level": float(cfg.loss.delta), "shape": [H, W]}
-    acs = [int(v) for v in info["acs"]]
-    line = info["mask_shape"][0] == 1
-    d = {"domain": "kspace", "mask_kind": info.get("mask_kind"), "accel": float(info.get("accel", 0.0)),
-         "center": acs[1] if line else acs[0], "acs": acs, "shape": [H, W]}
-    if cfg.loss.further_accel is not None:
-        d["further_accel"] = float(cfg.loss.further_accel)
-    else:
-        d["delta"] = float(cfg.loss.delta)
-    return d
 
 
 def check_against_data(cfg: Config, info: dict, root) -> None:
@@ -217,8 +197,6 @@ def check_against_data(cfg: Config, info: dict, root) -> None:
 def _load_data(cfg: Config, root, out: Path, env: DistEnv, progress: bool):
     """The dataset of ``cfg.loss.kind``. Naive baselines: rank 0 computes the reconstructions (cached in the
     run folder) before the process group starts; the other ranks wait for the cache file."""
-    from .datasets import NaiveDataset, build_dataset
-
     kw = dict(lam=cfg.loss.lam, l1_iters=cfg.loss.l1_iters, cache_mb=cfg.data.cache_mb)
     naive = cfg.loss.kind in ("naive_zf", "naive_l1")
     ready = out / f".{NaiveDataset.cache_name(cfg.loss.kind.split('_')[-1])}.ready"
@@ -232,8 +210,6 @@ def _load_data(cfg: Config, root, out: Path, env: DistEnv, progress: bool):
 
 def _resume_checkpoint(out: Path, resume: bool, config, env: DistEnv, echo) -> dict | None:
     """``--resume``: the newest complete checkpoint in ``out`` (None: start a new run there, if a config is given)."""
-    from .checkpoint import latest_checkpoint
-
     if not resume:
         return None
     try:
@@ -283,12 +259,8 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     checkpoint's config is used). ``data``: the prepared folder (default on resume: the recorded one).
     ``overrides``: ``key=value`` strings. ``init``: a checkpoint whose (EMA) weights start the run.
     """
-    from .checkpoint import load_checkpoint, remove_stale_temporaries
-    from .datasets import read_manifest
-    from .fsutil import make_dir
-
     env = dist_env()
-    echo = echo or (lambda m: click.echo(m, err=True))
+    echo = echo or (lambda m: print(m, file=sys.stderr, flush=True))
     if out is None:
         raise ConfigError("give --out RUN (the run folder)")
     out = Path(out)
@@ -319,10 +291,8 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
         raise DataError("the prepared data changed since the checkpoint was written (manifest sha256 differs); "
                         "resume with the same --data", data)
     check_against_data(cfg, info, data)
-    corruption = corruption_for(cfg, info)
+    corruption = from_data(cfg, info, masks=getattr(dataset, "masks", None))  # (M, M~); data with own masks: their bank
     if cfg.model.sigma_view is None:  # estimate from the measured training data only, then record it
-        from .datasets import estimate_sigma_view
-
         cfg.model.sigma_view = round(estimate_sigma_view(dataset, corruption, seed=cfg.train.seed), 4)
         if env.main:
             echo(f"model.sigma_view estimated from the measured training data: {cfg.model.sigma_view:g}")
@@ -337,26 +307,24 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
         state = build_state(cfg, device, env, ck, init, init_ck)
         meta = _training_meta(cfg, dataset, corruption, data, env, state, global_batch)
         if env.main:
-            from .fsutil import atomic_path
-
             with atomic_path(out / "config.yaml", ".yaml.tmp") as tmp:
                 tmp.write_text(dump_yaml(cfg.to_dict()))
             (out / "done.json").unlink(missing_ok=True)
         describe_run(log, cfg=cfg, meta=meta, data=data, device=device, env=env,
                      resumed=None if ck is None else (state.start, ck["training"].get("resumed_from")),
                      fp32_fallback=cfg.train.precision != "fp32" and state.amp is None)
-        return _train_loop(cfg, state, meta, dataset, data, out, env, device, log, progress)
+        return _train_loop(cfg, state, meta, corruption, dataset, out, env, device, log, progress)
     finally:
         log.close()
 
 
-def _training_meta(cfg: Config, dataset, corruption: dict, data: Path, env: DistEnv, state: TrainState,
+def _training_meta(cfg: Config, dataset, corruption: Corruption, data: Path, env: DistEnv, state: TrainState,
                    global_batch: int) -> dict:
-    """``checkpoint["training"]``: what this model is (kind, label, the further-corruption distribution the
-    samplers redraw), what it was trained on (data folder, manifest hash) and how (ranks, precision, init)."""
+    """``checkpoint["training"]``: what this model is (kind, label, the corruption (M, M~) as plain data,
+    ``Corruption.to_dict``, which the samplers read back), what it was trained on (data folder, manifest hash) and how (ranks, precision, init)."""
     info, kind = dataset.info, cfg.loss.kind
     return {
-        "kind": kind, "label": LABELS[kind], "corruption": corruption,
+        "kind": kind, "label": LABELS[kind], "corruption": corruption.to_dict(),
         "further_mask": "redraw" if cfg.loss.redraw else "fixed", "loss_domain": cfg.loss.domain,
         "data": {"root": os.fspath(data.resolve()), "manifest_sha256": dataset.manifest_sha256, "slices": len(dataset),
                  "split": info.get("split"), "domain": info.get("domain"), "shape": list(info["shape"]),
@@ -369,8 +337,6 @@ def _training_meta(cfg: Config, dataset, corruption: dict, data: Path, env: Dist
 
 def _payload(step: int, wall: float, *, state: TrainState, cfg: Config, meta: dict) -> dict:
     """The checkpoint at ``step`` (``checkpoint.py`` lists the keys)."""
-    from .checkpoint import rng_state
-
     return {"step": step, "model": state.model.state_dict(), "ema": state.ema.state_dict(),
             "optimizer": state.opt.state_dict(), "scaler": state.scaler.state_dict() if state.scaler is not None else None,
             "rng": rng_state(), "config": cfg.to_dict(), "training": dict(meta, images_seen=step * meta["global_batch"]),
@@ -379,8 +345,6 @@ def _payload(step: int, wall: float, *, state: TrainState, cfg: Config, meta: di
 
 def _next_batch(batches, stopper: StopRequest):
     """The next batch; None when a loader worker died of the same Ctrl-C; a data problem as one line."""
-    from .datasets import one_line
-
     try:
         return next(batches)
     except Exception as e:
@@ -391,13 +355,11 @@ def _next_batch(batches, stopper: StopRequest):
         raise
 
 
-def _sample_grid(ema, meta: dict, out: Path, step: int, T, device, log: RunLog) -> bool:
+def _sample_grid(ema, corruption: Corruption, meta: dict, out: Path, step: int, T, device, log: RunLog) -> bool:
     """``RUN/samples/step_{step}.png``: prior samples of the EMA model (k-space models with the coil maps of
     training slices). A failure is logged and turns the grids off (returns False); training goes on."""
-    from .sampling import sample_grid
-
     try:
-        p = sample_grid(ema, meta["corruption"], out / "samples" / f"step_{step:07d}.png", T.sample_n,
+        p = sample_grid(ema, corruption, out / "samples" / f"step_{step:07d}.png", T.sample_n,
                         steps=T.sample_steps, seed=T.seed, device=device, maps_from=meta["data"]["root"])
     except Exception as e:  # sample grids are a by-product: never let them stop training
         log.info(f"sample grids disabled: {type(e).__name__}: {' '.join(str(e).split())[:200]}")
@@ -406,22 +368,14 @@ def _sample_grid(ema, meta: dict, out: Path, step: int, T, device, log: RunLog) 
     return True
 
 
-def _train_loop(cfg: Config, state: TrainState, meta: dict, dataset, data: Path, out: Path, env: DistEnv, device,
-                log: RunLog, progress: bool) -> dict:
+def _train_loop(cfg: Config, state: TrainState, meta: dict, corruption: Corruption, dataset, out: Path, env: DistEnv,
+                device, log: RunLog, progress: bool) -> dict:
     """Steps ``state.start .. train.steps``: batch, seeds of the step, loss, optimiser step, EMA, then the
     metrics row, checkpoint and sample grid when due; a stop request saves and leaves after the step."""
-    import torch
-    from torch.utils.data import DataLoader
-    from tqdm import tqdm
-
-    from .checkpoint import params_sha256
-    from .datasets import collate
-    from .losses import build_loss
-
     T, seed, global_batch = cfg.train, cfg.train.seed, meta["global_batch"]
     model = state.model
     den = loss_denoiser(model, env, device)
-    loss_fn = build_loss(cfg.loss, dataset.info, seed)
+    loss_fn = build_loss(cfg.loss, corruption, seed)
     sampler = step_sampler(dataset, env, seed, T.batch)
     loader = DataLoader(dataset, batch_size=T.batch, sampler=sampler, num_workers=T.num_workers, collate_fn=collate,
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=T.num_workers > 0)
@@ -465,7 +419,7 @@ def _train_loop(cfg: Config, state: TrainState, meta: dict, dataset, data: Path,
             if ckpts.due(step):
                 ckpts.save(step, wall())
             if grids and step % T.sample_every == 0:
-                grids = _sample_grid(state.ema, meta, out, step, T, device, log)
+                grids = _sample_grid(state.ema, corruption, meta, out, step, T, device, log)
         if stop is not None or (stopper.signal is not None and step < T.steps):
             stop = stop or stopper.signal
             ckpts.save(step, wall())
@@ -497,55 +451,3 @@ def _metrics_row(log: RunLog, bar, window: Window, step: int, lr: float, T, env:
     bar.set_postfix(loss=f"{mean_loss:.4g}", img_s=f"{ips:.1f}")
     if not math.isfinite(mean_loss):
         log.info(f"step {step}: loss is {mean_loss} (non-finite gradients were zeroed)")
-
-
-# ----------------------------------------------------------------------------------------------
-# CLI
-
-
-@click.command(context_settings={"ignore_unknown_options": False})
-@click.option("--config", "-c", "config", default=None,
-              help="YAML config: a file, or a packaged name (tiny, cpu64, block64, demo, fastmri_brain). Optional with --resume "
-                   "(the checkpoint's config is used).")
-@click.option("--data", "-d", "data", default=None, type=click.Path(file_okay=False),
-              help="Prepared dataset folder (ambient-mri prep output with manifest.json). Train split for ambient and "
-                   "naive runs, a val-style split (with references) for loss.kind=oracle. Default on --resume: the recorded one.")
-@click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
-              help="Run folder: config.yaml, checkpoint.pt, checkpoints/ckpt_*.pt, metrics.csv, train.log, samples/.")
-@click.option("--resume", is_flag=True,
-              help="Continue the run in --out from its newest complete checkpoint (bit-identical to an uninterrupted "
-                   "run on CPU). Only train.steps, logging/checkpoint/sample periods, workers and device may change.")
-@click.option("--init", "init", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="Start a new run from another checkpoint's EMA weights (fine-tuning); fresh optimiser; recorded in "
-                   "the new checkpoints.")
-@click.option("--print-config", is_flag=True, help="Print the resolved config (after overrides) and exit.")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar (log lines still go to stderr and RUN/train.log).")
-@click.argument("overrides", nargs=-1)
-def command(config, data, out, resume, init, print_config, quiet, overrides):
-    """Train a diffusion prior on a prepared dataset.
-
-    OVERRIDES are key=value pairs with dotted keys that replace config values, read as YAML:
-    train.steps=200 train.lr=1e-4 model.channels=[16,32] loss.redraw=false loss.kind=oracle.
-    Sections: model (channels, blocks, attention, dropout, groups, sigma_data, cond), loss (kind: ambient |
-    ambient_image | oracle | naive_zf | naive_l1; further_accel or delta; redraw; domain; P_mean; P_std; lam;
-    l1_iters), train (steps, batch, lr, optimizer, weight_decay, warmup, grad_clip, ema_halflife, ema_rampup,
-    ema_decay, precision, seed, log_every, ckpt_every, sample_every, sample_n, sample_steps, keep, num_workers,
-    device), data (cache_mb). Every key is checked before any work starts. Ctrl-C or SIGTERM saves a
-    checkpoint and exits (130 / 143). Multi-GPU: torchrun --nproc_per_node=N -m ambient_mri.cli train ...
-    (see docs/training.md).
-    """
-    if print_config:
-        if config is None:
-            raise ConfigError("--print-config needs --config")
-        click.echo(dump_yaml(load_config(config, overrides).to_dict()), nl=False)
-        return
-    env = dist_env()
-    res = train(config, data, out, overrides=overrides, resume=resume, init=init, progress=not quiet)
-    code = {"SIGINT": 130, "SIGTERM": 143}.get(res["interrupted"], 0)
-    if env.distributed:
-        # plain exits of gloo/NCCL processes sometimes abort in interpreter teardown (docs/ecosystem section 7)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    if code:  # SystemExit (not click's Exit, whose code cli.main drops in standalone_mode=False)
-        sys.exit(code)

@@ -101,7 +101,7 @@ def test_changed_keys():
 
 
 def test_cli_rejects_bad_config_before_touching_data(tmp_path):
-    from ambient_mri.train import command
+    from ambient_mri.commands.train import command
 
     out = tmp_path / "run"
     res = CliRunner().invoke(command, ["--config", "tiny", "--data", str(tmp_path / "nowhere"), "--out", str(out),
@@ -113,8 +113,8 @@ def test_cli_rejects_bad_config_before_touching_data(tmp_path):
 
 
 def test_help_explains_every_option():
-    from ambient_mri.sampling_cli import command as sample_cmd
-    from ambient_mri.train import command as train_cmd
+    from ambient_mri.commands.sample import command as sample_cmd
+    from ambient_mri.commands.train import command as train_cmd
 
     for cmd in (train_cmd, sample_cmd):
         res = CliRunner().invoke(cmd, ["--help"])

@@ -393,7 +393,8 @@ def test_estimate_sigma_view_from_measured_data_matches_the_true_view_error(tmp_
                           mask_kind="poisson", seed=3)
     ds = AmbientKspaceDataset(root)
     acs = [int(v) for v in ds.info["acs"]]
-    corr = {"domain": "kspace", "acs": acs, "further_accel": 4.0}
+    corr = {"domain": "kspace", "mask_kind": "poisson", "accel": 3.0, "center": acs[0], "acs": acs, "shape": [32, 32],
+            "further_accel": 4.0}
     est = estimate_sigma_view(ds, corr)
     # oracle check (test only): the images behind the data, from the same files written fully sampled
     g = torch.Generator().manual_seed(0)

@@ -363,14 +363,14 @@ def test_unwritable_output_folder_is_one_clear_error_before_any_work(raw, test_s
 def _after_work_would_fail(tmp_path, test_set, monkeypatch) -> list[list[str]]:
     """Command lines of eval, sample and demo (without --out) whose first piece of work fails loudly, so that
     an output check made only after the work shows up as that failure instead."""
-    from ambient_mri import demo, evaluate, sampling_cli
+    from ambient_mri import demo, evaluate, sampling
 
     def work(*a, **k):
         raise AssertionError("work started before the output was checked")
 
     from ambient_mri import checkpoint
 
-    for module, name in ((evaluate, "evaluate_folders"), (sampling_cli, "draw_prior_samples"),
+    for module, name in ((evaluate, "evaluate_folders"), (sampling, "draw_prior_samples"),
                          (checkpoint, "load_denoiser"), (demo, "prepare_demo_data")):
         monkeypatch.setattr(module, name, work)
     (tmp_path / "rec").mkdir(exist_ok=True)

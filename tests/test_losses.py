@@ -8,9 +8,11 @@ import torch
 from torch import nn
 
 from ambient_mri import masks
+from ambient_mri.config import load_config
+from ambient_mri.corruption import from_data
 from ambient_mri.fft import fft2c, ifft2c
-from ambient_mri.losses import (ambient_image_loss, ambient_input, ambient_kspace_loss, edm_loss, edm_weight,
-                                sample_sigma)
+from ambient_mri.losses import (ambient_image_loss, ambient_input, ambient_kspace_loss, build_loss, edm_loss,
+                                edm_weight, sample_sigma)
 from ambient_mri.operators import SenseOp
 
 
@@ -258,9 +260,12 @@ def test_ambient_minimiser_is_clean_posterior_mean_and_naive_is_not():
 
 
 def _loss_config(*overrides):
-    from ambient_mri.config import load_config
-
     return load_config("tiny", list(overrides)).loss
+
+
+def _build(loss, info, seed):
+    """The loss object of ``loss`` for data ``info``, as the trainer builds it."""
+    return build_loss(loss, from_data(loss, info), seed)
 
 
 def _kspace_batch(B=3, C=2, H=16, W=16, seed=0):
@@ -274,26 +279,25 @@ def _kspace_batch(B=3, C=2, H=16, W=16, seed=0):
 
 
 def test_build_loss_gives_one_object_per_kind():
-    from ambient_mri.losses import AmbientImageLoss, AmbientKspaceLoss, EDMLoss, build_loss
+    from ambient_mri.losses import AmbientImageLoss, AmbientKspaceLoss, EDMLoss
     from ambient_mri.errors import ConfigError
 
-    info = {"acs": [16, 4], "mask_shape": [1, 16], "corruption": "pixels"}
+    info = {"acs": [16, 4], "mask_shape": [1, 16], "corruption": "pixels", "shape": [16, 16]}
     expect = {"ambient": AmbientKspaceLoss, "ambient_image": AmbientImageLoss, "oracle": EDMLoss,
               "naive_zf": EDMLoss, "naive_l1": EDMLoss}
     for kind, cls in expect.items():
-        assert type(build_loss(_loss_config(f"loss.kind={kind}"), info, seed=0)) is cls, kind
+        cfg = _loss_config(f"loss.kind={kind}")
+        assert type(_build(cfg, info, seed=0)) is cls, kind
     bad = _loss_config()
     bad.kind = "nonsense"
     with pytest.raises(ConfigError, match="loss.kind"):
-        build_loss(bad, info, seed=0)
+        build_loss(bad, from_data(_loss_config(), info), seed=0)
 
 
 @pytest.mark.parametrize("domain", ["kspace", "image"])
 def test_kspace_loss_object_is_the_function_with_sigma_then_further_mask_then_noise(domain):
-    from ambient_mri.losses import build_loss
-
     cfg = _loss_config(f"loss.domain={domain}", "loss.P_mean=-0.5")
-    loss = build_loss(cfg, {"acs": [16, 4], "mask_shape": [1, 16]}, seed=0)
+    loss = _build(cfg, {"acs": [16, 4], "mask_shape": [1, 16], "shape": [16, 16]}, seed=0)
     batch, D = _kspace_batch(), Fixed()
     got = loss(D, batch, torch.Generator().manual_seed(5))
     seen_mask = D.seen[1]
@@ -306,21 +310,19 @@ def test_kspace_loss_object_is_the_function_with_sigma_then_further_mask_then_no
 
 
 def test_image_and_edm_loss_objects_are_the_functions():
-    from ambient_mri.losses import build_loss
-
     g = torch.Generator().manual_seed(1)
     x = torch.complex(torch.randn(2, 8, 8, generator=g), torch.randn(2, 8, 8, generator=g))
     mask = (torch.rand(2, 8, 8, generator=g) > 0.3).float()
     batch = {"image": mask * x, "mask": mask, "index": torch.tensor([0, 1])}
     cfg = _loss_config("loss.kind=ambient_image", "loss.delta=0.2")
-    got = build_loss(cfg, {"corruption": "pixels"}, seed=0)(Fixed(), batch, torch.Generator().manual_seed(2))
+    got = _build(cfg, {"corruption": "pixels", "shape": [8, 8]}, seed=0)(Fixed(), batch, torch.Generator().manual_seed(2))
     g = torch.Generator().manual_seed(2)
     sigma = sample_sigma(2, P_mean=cfg.P_mean, P_std=cfg.P_std, generator=g)
     mt = masks.further_image_mask(mask, "pixels", 0.2, generator=g)
     assert torch.equal(got, ambient_image_loss(Fixed(), batch["image"], mask, mt, sigma, generator=g))
 
     cfg = _loss_config("loss.kind=oracle")
-    got = build_loss(cfg, {}, seed=0)(Fixed(), {"image": x}, torch.Generator().manual_seed(3))
+    got = _build(cfg, {"shape": [8, 8]}, seed=0)(Fixed(), {"image": x}, torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)
     sigma = sample_sigma(2, P_mean=cfg.P_mean, P_std=cfg.P_std, generator=g)
     assert torch.equal(got, edm_loss(Fixed(), x, sigma, generator=g))
@@ -329,12 +331,10 @@ def test_image_and_edm_loss_objects_are_the_functions():
 def test_fixed_further_masks_depend_on_the_slice_only():
     """``loss.redraw=false``: the M~ of a slice is the same at every step (any generator, any batch position),
     differs between slices and between run seeds, and the step's generator is not consumed."""
-    from ambient_mri.losses import build_loss
-
-    info = {"acs": [16, 4], "mask_shape": [1, 16]}
+    info = {"acs": [16, 4], "mask_shape": [1, 16], "shape": [16, 16]}
     batch = _kspace_batch(B=4)
     batch["mask"] = batch["mask"][:1].expand(4, -1, -1).clone()  # one training mask M for all four slices
-    further = build_loss(_loss_config("loss.redraw=false"), info, seed=0).further
+    further = _build(_loss_config("loss.redraw=false"), info, seed=0).further
     g = torch.Generator().manual_seed(7)
     state = g.get_state()
     a = further(batch["mask"], batch["index"], g)
@@ -342,8 +342,8 @@ def test_fixed_further_masks_depend_on_the_slice_only():
     b = further(batch["mask"].flip(0), batch["index"].flip(0), torch.Generator().manual_seed(8))
     assert torch.equal(a, b.flip(0))
     assert len({m.numpy().tobytes() for m in a}) > 1  # different slices, different M~
-    other = build_loss(_loss_config("loss.redraw=false"), info, seed=1).further
+    other = _build(_loss_config("loss.redraw=false"), info, seed=1).further
     assert not torch.equal(other(batch["mask"], batch["index"], g), a)
-    redraw = build_loss(_loss_config(), info, seed=0).further
+    redraw = _build(_loss_config(), info, seed=0).further
     assert not torch.equal(redraw(batch["mask"], batch["index"], torch.Generator().manual_seed(1)),
                            redraw(batch["mask"], batch["index"], torch.Generator().manual_seed(2)))

@@ -215,19 +215,3 @@ def test_bad_acceleration_rejected(bad):
         M.kspace_mask("adps", (64, 64), bad["accel"])
     with pytest.raises(ConfigError):
         M.kspace_mask("nonsense", (64, 64), 4)
-
-
-def test_draw_training_further_masks_follows_the_recorded_distribution():
-    lines = {"domain": "kspace", "mask_kind": "adps", "accel": 4, "center": 20, "acs": [384, 20],
-             "shape": [384, 320], "further_accel": 5}
-    m = M.draw_training_further_masks(lines, 3, seed=1)
-    assert m.shape == (3, 1, 320) and torch.all(m.sum((1, 2)) == 64)
-    assert torch.equal(m, M.draw_training_further_masks(lines, 3, seed=1))
-    assert not torch.equal(m, M.draw_training_further_masks(lines, 3, seed=2))
-    pd = dict(lines, mask_kind="poisson", accel=8, center=8, acs=[8, 8], shape=[64, 64], further_accel=9)
-    m = M.draw_training_further_masks(pd, 2, seed=0)
-    assert m.shape == (2, 64, 64) and torch.all(m.sum((1, 2)) == 455) and m[:, 28:36, 28:36].all()
-    box = {"domain": "image", "kind": "box", "level": 0.25, "further_level": 0.1, "shape": [32, 32]}
-    m = M.draw_training_further_masks(box, 2, seed=0)
-    assert m.shape == (2, 32, 32) and torch.all((~m).sum((1, 2)) >= 256)
-    assert M.draw_training_further_masks({"domain": "clean", "shape": [8, 8]}, 2).all()

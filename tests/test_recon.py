@@ -14,7 +14,8 @@ from ambient_mri.errors import ConfigError, DataError
 from ambient_mri.fastmri_io import write_volume
 from ambient_mri.fft import fft2c
 from ambient_mri.prep import PrepOptions, run_prep
-from ambient_mri.recon import command, parse_shard, run_recon
+from ambient_mri.commands.recon import command
+from ambient_mri.recon import parse_shard, run_recon
 
 N, C = 32, 4
 

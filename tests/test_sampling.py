@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ambient_mri import masks
+from ambient_mri.corruption import from_dict
 from ambient_mri.fft import fft2c, ifft2c
 from ambient_mri.operators import SenseOp
 from ambient_mri.sampling import (View, adps, aos, dc_sampler, edm_sigmas, model_view, nfe, posterior,
@@ -154,7 +155,7 @@ def test_prior_sampler_of_a_kspace_model_sees_the_training_coil_maps(tmp_path, m
     slices (never identity maps); checked against the view computed here with numpy's FFT."""
     import h5py
 
-    from ambient_mri import sampling, sampling_cli
+    from ambient_mri import sampling
     from ambient_mri.errors import AmbientMRIError
 
     rng = np.random.default_rng(0)
@@ -164,17 +165,17 @@ def test_prior_sampler_of_a_kspace_model_sees_the_training_coil_maps(tmp_path, m
         m /= np.sqrt((np.abs(m) ** 2).sum(1, keepdims=True))
         with h5py.File(tmp_path / f"t{i}.h5", "w") as f:
             f["maps"] = m.astype(np.complex64)
-    maps, names = sampling_cli.training_maps(tmp_path, 4, shape=(N, N), seed=1)
+    maps, names = sampling.training_maps(tmp_path, 4, shape=(N, N), seed=1)
     assert maps.shape == (4, C, N, N) and len(names) == 4
-    again, names2 = sampling_cli.training_maps(tmp_path, 4, shape=(N, N), seed=1)
+    again, names2 = sampling.training_maps(tmp_path, 4, shape=(N, N), seed=1)
     assert names == names2 and torch.equal(maps, again)
     for (name, s), mp in zip(names, maps):
         with h5py.File(tmp_path / name) as f:
             assert np.array_equal(f["maps"][s], mp.numpy())
     with pytest.raises(AmbientMRIError, match="--maps-from"):
-        sampling_cli.training_maps(tmp_path / "nowhere", 1)
+        sampling.training_maps(tmp_path / "nowhere", 1)
     with pytest.raises(AmbientMRIError, match="matrix"):
-        sampling_cli.training_maps(tmp_path, 1, shape=(N + 2, N))
+        sampling.training_maps(tmp_path, 1, shape=(N + 2, N))
 
     seen = []
     real = sampling.prior_sample
@@ -182,7 +183,7 @@ def test_prior_sampler_of_a_kspace_model_sees_the_training_coil_maps(tmp_path, m
                                                                                   real(den, view, shape, **kw))[1])
     corruption = {"domain": "kspace", "mask_kind": "adps", "accel": 2, "center": 4, "acs": [N, 4], "shape": [N, N],
                   "further_accel": 3}
-    x, fm = sampling_cli.draw_prior_samples(GaussianDenoiser(), corruption, 4, steps=3, batch=2, maps=maps)
+    x, fm = sampling.draw_prior_samples(GaussianDenoiser(), corruption, 4, steps=3, batch=2, maps=maps)
     assert x.shape == (4, N, N) and len(seen) == 2
     z = draw_prior(2, 7)
     for b, view in enumerate(seen):
@@ -201,13 +202,13 @@ def test_further_masks_within_the_test_mask():
     corruption = {"domain": "kspace", "mask_kind": "poisson", "accel": 4.0, "center": 4, "acs": [4, 4],
                   "shape": [N, N], "further_accel": 5.0}
     test = torch.from_numpy(masks.poisson_disc((N, N), 3, calib=(4, 4), seed=2).mask)
-    fm = masks.further_masks_within(test, corruption, 6, seed=0)
+    fm = from_dict(corruption).within(test, 6, seed=0)
     assert fm.shape == (6, N, N) and fm.dtype == torch.bool
     assert not (fm & ~test).any()  # inside the test mask
     acs = torch.from_numpy(masks.acs_region((N, N), (4, 4)))
     assert fm[:, acs].all()
     assert (fm.flatten(1).sum(1) == int(np.floor(int(test.sum()) * 4 / 5))).all()
-    assert not torch.equal(fm[0], fm[1]) and torch.equal(fm, masks.further_masks_within(test, corruption, 6, seed=0))
+    assert not torch.equal(fm[0], fm[1]) and torch.equal(fm, from_dict(corruption).within(test, 6, seed=0))
     # and through posterior(): the view's mask is inside the test mask
     x0, y, maps, m, A = problem(b=1)
     meta = {"corruption": dict(corruption)}

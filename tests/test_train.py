@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from ambient_mri import losses
 from ambient_mri.checkpoint import (LATEST, latest_checkpoint, list_snapshots, load_checkpoint, load_denoiser,
                                    params_sha256, save_checkpoint)
+from ambient_mri.corruption import from_dict
 from ambient_mri.errors import ConfigError, DataError
 from ambient_mri.fft import fft2c, ifft2c
-from ambient_mri.masks import draw_training_further_masks
 from ambient_mri.networks import EDMDenoiser
 from ambient_mri.train import autocast_hooks, train
 from tests.test_datasets import spy, write_prepared  # noqa: F401  (spy is a fixture)
@@ -86,7 +86,7 @@ def test_ambient_run_learns_and_writes_its_run_folder(tmp_path, data, spy):
     assert len(t["data"]["manifest_sha256"]) == 64 and ck["version"]
     for key in ("torch", "numpy", "python"):
         assert key in ck["rng"]
-    m = draw_training_further_masks(t["corruption"], 3, seed=1)  # what the samplers will do with it
+    m = from_dict(t["corruption"]).draw(3, seed=1)  # what the samplers will do with it
     assert m.shape == (3, 1, 32)
     done = json.loads((out / "done.json").read_text())
     assert done["step"] == 60 and done["ranks_in_sync"] and done["params_sha256_per_rank"] == [res["params_sha256"]]
@@ -207,7 +207,7 @@ def test_oracle_and_naive_runs_are_labelled(tmp_path, data):
     assert ck["training"]["kind"] == "oracle" and "ORACLE" in ck["training"]["label"]
     assert ck["training"]["corruption"] == {"domain": "clean", "shape": [32, 32]}
     assert ck["config"]["name"] == "tiny-oracle" and "ORACLE" in (out / "train.log").read_text()
-    assert draw_training_further_masks(ck["training"]["corruption"], 2).all()
+    assert from_dict(ck["training"]["corruption"]).draw(2).all()
     with pytest.raises(DataError, match="has no reference"):
         run(tmp_path / "oracle_on_train", data["train"], "train.steps=2", "loss.kind=oracle")
     out = tmp_path / "zf"
@@ -224,7 +224,7 @@ def test_image_domain_ambient_run(tmp_path, data):
     run(out, data["image"], "train.steps=4", "loss.kind=ambient_image", "loss.delta=0.1")
     c = load_checkpoint(out / LATEST)["training"]["corruption"]
     assert c == {"domain": "image", "kind": "box", "level": 0.25, "further_level": 0.1, "shape": [32, 32]}
-    assert draw_training_further_masks(c, 2).shape == (2, 32, 32)
+    assert from_dict(c).draw(2).shape == (2, 32, 32)
     with pytest.raises(DataError, match="domain"):
         run(tmp_path / "img2", data["train"], "train.steps=2", "loss.kind=ambient_image", "loss.delta=0.1")
 
@@ -356,7 +356,7 @@ def test_sample_grids_during_training_and_the_sample_command(tmp_path, data, mon
     assert calls[0]["shape"] == (4, 32, 32) and calls[0]["mask"].shape == (4, 1, 32) and calls[0]["steps"] == 5
     assert calls[0]["domain"] == "kspace"
     calls.clear()
-    from ambient_mri.sampling_cli import command
+    from ambient_mri.commands.sample import command
 
     s = tmp_path / "samples"
     res = CliRunner().invoke(command, ["--checkpoint", str(out / LATEST), "--n", "5", "--out", str(s), "--steps", "7",
@@ -377,7 +377,7 @@ def test_sample_grids_during_training_and_the_sample_command(tmp_path, data, mon
 
 
 def expect_masks(run_dir, n, seed):
-    return draw_training_further_masks(load_checkpoint(run_dir / LATEST)["training"]["corruption"], n, seed=seed)
+    return from_dict(load_checkpoint(run_dir / LATEST)["training"]["corruption"]).draw(n, seed=seed)
 
 
 @pytest.mark.parametrize("kind", ["oracle", "ambient_image"])
@@ -389,7 +389,7 @@ def test_sample_command_for_clean_and_image_domain_models(tmp_path, data, monkey
         run(out, data["val"], "train.steps=2", "loss.kind=oracle")
     else:
         run(out, data["image"], "train.steps=2", "loss.kind=ambient_image", "loss.delta=0.1")
-    from ambient_mri.sampling_cli import command
+    from ambient_mri.commands.sample import command
 
     res = CliRunner().invoke(command, ["--checkpoint", str(out), "--n", "2", "--out", str(tmp_path / "s"),
                                        "--steps", "3", "-q"])

@@ -167,7 +167,7 @@ def test_a_header_that_claims_oversampling_over_an_object_corner_is_not_whitened
 
 
 def test_recon_whiten_option(tmp_path):
-    from ambient_mri.recon import command
+    from ambient_mri.commands.recon import command
 
     liar = vol_file(tmp_path / "in", "liar.h5", H // 2, fill=True)
     runner = CliRunner()
