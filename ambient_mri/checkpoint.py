@@ -244,14 +244,6 @@ def params_sha256(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def file_sha256(path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 _ABSOLUTE = re.compile(r"^(/|[A-Za-z]:[\\/]|\\\\)")  # POSIX root, a Windows drive, a UNC share
 
 

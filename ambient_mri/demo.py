@@ -16,9 +16,14 @@ import csv
 import time
 from pathlib import Path
 
+from data_prep.demo_data import existing_demo, generate_demo
+
 from .errors import DataError
 from .evaluate import run_eval
 from .fsutil import make_dir
+from .prep import PrepOptions, run_prep
+from .recon import run_recon
+from .train import train
 
 DEMO_CHECKPOINT = Path(__file__).with_name("assets") / "demo_ckpt.pt"
 TRAIN_ACCEL, TEST_ACCELS = 4.0, (4.0, 8.0)
@@ -35,10 +40,6 @@ def _stage(echo, t0, msg):
 
 def prepare_demo_data(out: Path, echo, t0, *, progress: bool) -> Path:
     """Demo raw data and the prepared splits under ``out`` (reused when already there)."""
-    from data_prep.demo_data import existing_demo, generate_demo
-
-    from .prep import PrepOptions, run_prep
-
     raw = out / "data"
     if existing_demo(raw, **DATA_OPTIONS) is None:
         _stage(echo, t0, f"generating demo data in {raw}")
@@ -57,8 +58,6 @@ def prepare_demo_data(out: Path, echo, t0, *, progress: bool) -> Path:
 
 def short_training(prep: Path, run: Path, steps: int, echo, t0, *, progress: bool) -> tuple[float, float]:
     """A short ambient run from scratch; returns the mean loss over the first and the last fifth of steps."""
-    from .train import train
-
     _stage(echo, t0, f"train: {steps} ambient steps from scratch on the undersampled train split")
     if not (run / "checkpoint.pt").exists():
         train("demo", prep / "train", run, overrides=[f"train.steps={steps}", "train.log_every=5",
@@ -73,8 +72,6 @@ def short_training(prep: Path, run: Path, steps: int, echo, t0, *, progress: boo
 def run_demo(out, *, train_steps: int = 150, checkpoint=None, adps_steps: int = 100, dc_steps: int = 25,
              samples: int = 1, progress: bool = False, echo=print) -> dict:
     """Run every stage; returns ``{"summary": [...], "markdown", "figures", "loss": (first, last), "seconds"}``."""
-    from .recon import run_recon
-
     t0 = time.perf_counter()
     ckpt = Path(checkpoint) if checkpoint else DEMO_CHECKPOINT
     if not ckpt.exists():

@@ -44,11 +44,9 @@ from .fsutil import atomic_h5, atomic_path, claim, make_dir, write_json
 from .operators import InpaintOp, SenseOp
 from .prep import PrepOptions, prepare_volume, whitening_note
 from .prepared import UNITS_ATTR, UNITS_RAW, Scan, check_noise_std, is_prepared, load_prepared
-from .sampling import DEFAULT_STEPS, FURTHER, nfe, posterior
-
-MODEL_METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise")
+from .sampling import DEFAULT_STEPS, FURTHER, NOISE_AWARE, nfe, posterior
+from .sampling import METHODS as MODEL_METHODS
 ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with an oracle checkpoint; adps / adps-noise refuse one
-NOISE_AWARE = ("dc", "adps-noise", "fsdps-noise")  # samplers that weight the data by the noise level
 # how M~ is drawn by default: inside the test mask for our DC sampler (+0.7 dB at R 4, +0.8 dB at R 8 on the
 # demo validation split, docs/recon.md), independently of it for A-DPS (as published)
 DEFAULT_FURTHER = {"dc": "within"}
@@ -172,7 +170,8 @@ class Reconstructor:
     def nfe(self) -> int:
         if self.method in CLASSICAL:
             return 0
-        return nfe(self.method, self.steps or self.default_steps())
+        return nfe(self.method, self.steps or self.default_steps(), **{k: v for k, v in self.sampler_kwargs.items()
+                                                                        if k == "cg_iters" and self.method == "mmps"})
 
     def default_steps(self) -> int:
         return DEFAULT_STEPS.get(self.method, 0)
@@ -411,7 +410,7 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     if churn is not None:
         kwargs["churn"] = churn
     allowed = {"adps": {"step_size"}, "fsdps": {"step_size"}, "adps-noise": {"step_size"},
-               "fsdps-noise": {"step_size"}, "dc": {"cg_iters", "churn"}}.get(method, set())
+               "fsdps-noise": {"step_size"}, "dc": {"cg_iters", "churn"}, "mmps": {"cg_iters"}}.get(method, set())
     unused = set(kwargs) - allowed
     if unused:
         raise ConfigError(f"--{', --'.join(sorted(k.replace('_', '-') for k in unused))} not used by --method {method}")

@@ -27,14 +27,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from .checkpoint import file_sha256, load_denoiser
+from .checkpoint import load_denoiser
 from .corruption import Corruption, from_dict
 from .distributed import resolve_device
 from .errors import AmbientMRIError, ConfigError
-from .fsutil import atomic_path, make_dir, write_json
+from .fsutil import atomic_path, make_dir, sha256_file, write_json
 from .operators import InpaintOp, SenseOp, conjugate_gradient
 
-METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise")
+METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise", "mmps")
+MMPS_CG_ITERS = 5  # mmps.mmps's default
 FURTHER = ("independent", "within")  # how M~ is drawn: from the training distribution, or inside the test mask
 
 
@@ -326,14 +327,15 @@ class Posterior:
         return self.samples.abs().std(0, unbiased=False)
 
 
-def nfe(method: str, steps: int) -> int:
-    """Network evaluations per sample."""
+def nfe(method: str, steps: int, cg_iters: int = MMPS_CG_ITERS) -> int:
+    """Network evaluations per sample (``mmps``: ``2 steps - 1`` forward passes, each followed by
+    ``cg_iters + 1`` vector-Jacobian products)."""
     return {"adps": steps, "fsdps": steps, "adps-noise": steps, "fsdps-noise": steps, "aos": 1,
-            "dc": 2 * steps - 1}[method]
+            "dc": 2 * steps - 1, "mmps": (2 * steps - 1) * (cg_iters + 2)}[method]
 
 
-DEFAULT_STEPS = {"adps": 500, "fsdps": 500, "adps-noise": 500, "fsdps-noise": 500, "aos": 1, "dc": 25}
-NOISE_AWARE = ("dc", "adps-noise", "fsdps-noise")
+DEFAULT_STEPS = {"adps": 500, "fsdps": 500, "adps-noise": 500, "fsdps-noise": 500, "aos": 1, "dc": 25, "mmps": 25}
+NOISE_AWARE = ("dc", "adps-noise", "fsdps-noise", "mmps")  # samplers that weight the data by the noise level
 
 
 def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Tensor | None, mask, *,
@@ -346,7 +348,7 @@ def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Te
     with ``maps=None`` (inpainting); ``mask`` broadcasts as in ``operators``. ``fsdps`` is ``adps`` with an
     oracle model (``meta["corruption"]["domain"] == "clean"``); ``adps-noise`` / ``fsdps-noise`` run
     :func:`dps_noise_aware`. ``noise_std``: ``s`` (float or ``(B,)``) for the noise-aware methods (``dc``,
-    ``*-noise``; ignored by the published ``adps``/``fsdps``/``aos``); ``None`` gives ``dc`` its legacy
+    ``*-noise``, ``mmps``: :func:`mmps.mmps`; ignored by the published ``adps``/``fsdps``/``aos``); ``None`` gives ``dc`` its legacy
     weight. ``further``: ``independent`` (published: ``M~`` from the training distribution) or ``within``
     (``M~`` drawn inside the test mask, :func:`model_view`).
     """
@@ -381,6 +383,12 @@ def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Te
                           within=within)
         if method == "dc":
             out = dc_sampler(denoiser, view, yk, A, steps=steps, generator=g, noise_std=noise_k, **kwargs)
+        elif method == "mmps":
+            from .mmps import mmps  # mmps builds on this module (prior_sample, denoise), so it is imported here
+
+            if noise_k is None:
+                raise ValueError("--method mmps needs noise_std")
+            out = mmps(denoiser, view, yk, A, steps=steps, generator=g, noise_std=noise_k, **kwargs)
         elif method in ("adps-noise", "fsdps-noise"):
             if noise_k is None:
                 raise ValueError(f"--method {method} needs noise_std")
@@ -389,7 +397,8 @@ def posterior(method: str, denoiser, meta: dict, y: torch.Tensor, maps: torch.Te
             out = adps(denoiser, view, yk, A, steps=steps, generator=g, **kwargs)
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return Posterior(out.detach().reshape(K, B, H, W), nfe(method, steps), time.perf_counter() - t0)
+    return Posterior(out.detach().reshape(K, B, H, W), nfe(method, steps, kwargs.get("cg_iters", MMPS_CG_ITERS)),
+                     time.perf_counter() - t0)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -556,7 +565,7 @@ def run_sample(checkpoint, n: int, out, *, steps: int = 18, seed: int = 0, batch
     if getattr(corruption, "bank", None) is not None:
         shown["bank"] = {"masks": len(corruption.bank), "seen": corruption.bank.seen,
                          "distinct": corruption.bank.distinct}
-    info = {"checkpoint": os.fspath(Path(meta["path"]).resolve()), "checkpoint_sha256": file_sha256(meta["path"]),
+    info = {"checkpoint": os.fspath(Path(meta["path"]).resolve()), "checkpoint_sha256": sha256_file(meta["path"]),
             "step": meta["step"], "kind": meta["training"].get("kind"), "ema": meta["ema"], "n": n, "steps": steps,
             "seed": seed, "batch": batch or n, "device": str(dev), "corruption": shown, "sampler": "fixed-mask Heun",
             "maps": maps_info}

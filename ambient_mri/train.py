@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
-from .checkpoint import (file_sha256, latest_checkpoint, load_checkpoint, params_sha256, remove_stale_temporaries,
+from .checkpoint import (latest_checkpoint, load_checkpoint, params_sha256, remove_stale_temporaries,
                          rng_state, set_rng_state)
 from .config import RESUMABLE_KEYS, Config, apply_overrides, changed_keys, dump_yaml, load_config
 from .corruption import Corruption, from_data
@@ -39,7 +39,7 @@ from .datasets import NaiveDataset, build_dataset, collate, estimate_sigma_view,
 from .distributed import (DistEnv, any_rank, batches_from, derived_seed, dist_env, gather, loss_denoiser,
                           mean_over_ranks, resolve_device, setup_device, shut_down, step_sampler, wait_for)
 from .errors import ConfigError, DataError
-from .fsutil import atomic_path, make_dir
+from .fsutil import atomic_path, make_dir, sha256_file
 from .losses import build_loss
 from .networks import build_denoiser
 from .runlog import (LABELS, METRICS_COLUMNS, Checkpoints, RunLog, StopRequest, Window, describe_run,
@@ -144,7 +144,7 @@ def build_state(cfg: Config, device, env: DistEnv, ck: dict | None = None, init=
             raise ConfigError(f"--init: its weights do not fit this model config ({' '.join(str(e).split())[:160]})",
                               init) from None
         ema.load_state_dict(model.state_dict())
-        state.init = {"path": os.fspath(Path(init).resolve()), "sha256": file_sha256(init),
+        state.init = {"path": os.fspath(Path(init).resolve()), "sha256": sha256_file(init),
                       "step": int(init_ck["step"]), "kind": init_ck["training"].get("kind"), "weights": weights}
     return state
 

@@ -14,10 +14,10 @@ from ..recon import METHODS, run_recon
 @click.option("--method", required=True, type=click.Choice(METHODS),
               help="adps: A-DPS as published (ambient model); fsdps: DPS with an oracle model; adps-noise / "
                    "fsdps-noise: the same with the likelihood step sized by the noise level; aos: one-step; dc: our "
-                   "fast Heun sampler with noise-weighted CG data consistency; zf: zero-filled A^H y; sense: "
+                   "fast Heun sampler with noise-weighted CG data consistency; mmps: moment-matching posterior sampling (Rozet et al. 2024; for clean-trained priors: oracle, naive, EM); zf: zero-filled A^H y; sense: "
                    "CG-SENSE; l1: L1-wavelet.")
 @click.option("--checkpoint", type=click.Path(exists=True), help="Checkpoint (or run folder) for model methods.")
-@click.option("--steps", type=int, help="Sampler steps (default: 500 adps/fsdps, 25 dc).")
+@click.option("--steps", type=int, help="Sampler steps (default: 500 adps/fsdps, 25 dc and mmps).")
 @click.option("--samples", default=1, show_default=True, help="Posterior samples per scan (mean and std are saved).")
 @click.option("--seed", default=0, show_default=True, help="Sampler seed (and mask seed for --accel).")
 @click.option("--accel", type=float, help="Undersample fully sampled raw inputs at this acceleration.")
@@ -32,7 +32,7 @@ from ..recon import METHODS, run_recon
               help="Prepared VALIDATION folder on which to choose the L1 weight (recorded in the outputs).")
 @click.option("--tune-slices", default=8, show_default=True, help="Validation slices used by --tune-on.")
 @click.option("--step-size", type=float, help="A-DPS/FS-DPS normalised step l (published: 1).")
-@click.option("--cg-iters", type=int, help="dc: CG iterations per evaluation (default 5).")
+@click.option("--cg-iters", type=int, help="dc and mmps: CG iterations per evaluation (default 5).")
 @click.option("--churn", type=float, help="dc: EDM stochastic churn (default 0: deterministic given the seed).")
 @click.option("--noise-std", type=float,
               help="Noise std of one k-space sample of one coil in prepared units (E|n|^2 = s^2) for dc, adps-noise "
