@@ -18,6 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from .errors import DataError
 from .fft import center_crop, ifft2c, rss
 from .fsutil import atomic_h5
 
@@ -155,7 +156,6 @@ class FastMRIVolume:
     """
 
     def __init__(self, path: str | os.PathLike):
-        from .errors import DataError
 
         self.path = Path(path)
         self.warnings: list[str] = []
@@ -186,7 +186,6 @@ class FastMRIVolume:
     # -- validation ---------------------------------------------------------------------------------
 
     def _fail(self, problem: str):
-        from .errors import DataError
 
         raise DataError(problem, self.path)
 
@@ -317,7 +316,6 @@ class FastMRIVolume:
     def _index(self, i) -> int:
         i = int(i)
         if not -self.num_slices <= i < self.num_slices:
-            from .errors import DataError
 
             raise DataError(f"slice {i} out of range (volume has {self.num_slices})", self.path)
         return i % self.num_slices
@@ -388,7 +386,6 @@ def iter_volumes(folder: str | os.PathLike, on_error=None):
     A file that fails validation raises its :class:`DataError`, or, with ``on_error``, is passed to
     ``on_error(path, error)`` and skipped.
     """
-    from .errors import DataError
 
     for path in list_volumes(folder):
         try:

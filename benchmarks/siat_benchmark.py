@@ -120,7 +120,7 @@ def settings(args) -> dict:
     """The run's settings from the command line; ``--quick`` shrinks every budget to a smoke test."""
     S = dict(mask=args.mask, train_accel=args.train_accel, further_accel=args.further_accel,
              test_accels=list(args.test_accels), center=args.center_lines, coils=args.coils, size=args.size,
-             maps=args.maps, true_maps=not args.no_true_maps, eval_split=args.eval_split, slices=None,
+             maps=args.maps or ("espirit-torch" if args.quick else "espirit-sake"), true_maps=not args.no_true_maps, eval_split=args.eval_split, slices=None,
              steps=2000, batch=8, lr=6e-4, ema_halflife=8000, dps_steps=100, dc_steps=25, mem_samples=64,
              mem_steps=18, l_candidates=[1.0, 3.0, 10.0], tune_slices=4, l1_tune_slices=8, l1_iters=100,
              l1_candidates=None, threads=args.threads, quick=False)
@@ -156,7 +156,8 @@ def main():
     ap.add_argument("--further-accel", type=float, default=9.0, help="R~ of the ambient further masks (> R).")
     ap.add_argument("--test-accels", type=float, nargs="+", default=[8.0, 12.0], help="R of the val/test masks.")
     ap.add_argument("--center-lines", type=int, default=8, help="ACS lines (lines) or ACS block side (poisson).")
-    ap.add_argument("--maps", default="espirit-sake", help="prep --maps for every split (estimated maps).")
+    ap.add_argument("--maps", default=None,
+                    help="prep --maps for every split (estimated maps; default espirit-sake, espirit-torch with --quick).")
     ap.add_argument("--no-true-maps", action="store_true", help="Skip the rows with the simulation's true maps.")
     ap.add_argument("--eval-split", choices=["val", "test"], default="test",
                     help="Score on the test split (the final run) or on validation volumes other than the "

@@ -18,7 +18,14 @@ def test_siat_benchmark_quick(shared_data, tmp_path):
                         "--shared", str(shared_data)], capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = (out / "benchmarks.md").read_text()
-    for needle in ("QUICK", "## Test R8, sub", "## Test R12, sub", "| adps | 8 |", "| fsdps | 12 |",
-                   "| naive-dps | 8 |", "| dc | 12 |", "| l1 | 8 |", "## Memorisation", "| oracle |"):
+    for needle in ("QUICK", "## Test R8\n", "## Test R12\n", "## Test R8, true coil maps", "| adps | 8 |",
+                   "| fsdps | 12 |", "| naive-dps | 8 |", "| oracle-dc | 12 |", "| dc+true maps | 8 |", "| l1 | 8 |",
+                   "## Paired differences", "## Prior samples", "| oracle |"):
         assert needle in report, needle
+    # every method scored on the same slices, and a paired row for the best ambient sampler against L1
+    counts = {line.split("|")[3].strip() for line in report.splitlines() if line.startswith("| ") and "| 8 |" in line
+              and "true maps" not in line}
+    assert len(counts) == 1, counts
+    assert any(line.startswith("| R8 |") and "| l1 |" in line for line in report.splitlines())
+    assert (out / "report" / "prior_samples.png").stat().st_size > 0
     assert "ambient-mri train --config cpu64" in (out / "commands.log").read_text()
