@@ -22,6 +22,10 @@ from .masks import acs_region
 MAPS_METHODS = ("espirit", "lowres", "true", "espirit-torch", "espirit-sake")
 MEASURED_MAPS = ("espirit-sake",)  # maps methods that read every measured sample (not only the calibration block)
 DEFAULT_MAPS = "espirit-sake"
+# revision of each estimator's internal settings, recorded in prepared files (``maps_revision``) so that a
+# resumed prep never mixes maps of two revisions; bump it whenever a method's defaults change.
+# espirit-sake 2: completion block 24 x 24 with the staged rank hold-out (2026-12-01); absent = 1
+MAPS_REVISION = {"espirit-sake": 2}
 
 
 def maps_methods() -> tuple[str, ...]:

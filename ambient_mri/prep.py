@@ -411,6 +411,7 @@ def _check_same_options(out: Path, opts_json: dict):
             old = json.loads(f.attrs["options"])
     except (OSError, KeyError, ValueError):
         raise ConfigError("output exists but is not a prepared file (remove it to redo it)", out) from None
+    old.setdefault("maps_revision", 1)  # files written before the revision was recorded
     if old != opts_json:
         diff = sorted(k for k in set(old) | set(opts_json) if old.get(k) != opts_json.get(k))
         raise ConfigError(f"was prepared with different options ({', '.join(diff)}); use a new output folder", out)

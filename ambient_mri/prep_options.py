@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 
-from .coils import DEFAULT_MAPS, maps_methods
+from .coils import DEFAULT_MAPS, MAPS_REVISION, maps_methods
 from .errors import ConfigError, DataError
 from .masks import kspace_mask
 from .prepared import DOMAINS, SPLITS
@@ -96,7 +96,9 @@ class PrepOptions:
         return self
 
     def to_json(self) -> dict:
+        """The options as recorded in every prepared file, plus ``maps_revision`` (:data:`coils.MAPS_REVISION`)."""
         d = asdict(self)
+        d["maps_revision"] = MAPS_REVISION.get(self.maps, 1)
         d["accel"] = list(self.accel)
         d["crop"] = None if self.crop is None else list(self.crop)
         return d

@@ -192,6 +192,27 @@ def test_resume_skips_finished_files_and_completes_missing_ones_identically(trai
     assert not list(out.glob(".*"))  # no temporary or lock files left
 
 
+def test_resume_refuses_maps_of_another_estimator_revision(raw, tmp_path, monkeypatch):
+    """A folder half-prepared by code whose map estimator had other settings is never completed with new maps."""
+    import h5py
+
+    from ambient_mri import coils
+
+    out = tmp_path / "rev"
+    args = dict(split="train", accel=(4.0,), seed=5)
+    prep(raw / "full", out, **args)
+    (out / "vol_b.h5").unlink()
+    with h5py.File(out / "vol_a.h5", "r+") as f:  # as written before maps_revision was recorded
+        opts = json.loads(f.attrs["options"])
+        opts.pop("maps_revision")
+        f.attrs["options"] = json.dumps(opts, sort_keys=True)
+    assert prep(raw / "full", out, **args).written  # revision 1 (no key) of this estimator: the same maps
+    monkeypatch.setitem(coils.MAPS_REVISION, FAST.get("maps", coils.DEFAULT_MAPS), 99)
+    (out / "vol_b.h5").unlink()
+    with pytest.raises(ConfigError, match="maps_revision"):
+        prep(raw / "full", out, **args)
+
+
 # ----------------------------------------------------------------------------------------------
 # val / test splits
 
