@@ -216,7 +216,7 @@ def load_denoiser(path, ema: bool = True, device="cpu"):
 
     ``meta``: ``{"path", "step", "config", "training", "version", "ema"}``; ``meta["training"]["corruption"]``
     is the plain-data ``corruption.Corruption`` (``corruption.from_dict``); ``meta["training"]["kind"]`` is
-    ambient | ambient_image | oracle | naive_zf | naive_l1."""
+    ambient | ambient_image | oracle | naive_zf | naive_l1 | em (``meta["training"]["em"]``: the EM lineage)."""
     path = Path(path)
     if path.is_dir():
         found = latest_checkpoint(path)

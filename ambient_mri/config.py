@@ -22,12 +22,13 @@ from typing import Any, Optional, Union, get_args, get_origin, get_type_hints
 from .errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-LOSS_KINDS = ("ambient", "ambient_image", "oracle", "naive_zf", "naive_l1")
+LOSS_KINDS = ("ambient", "ambient_image", "oracle", "naive_zf", "naive_l1", "em")
 AMBIENT_KINDS = ("ambient", "ambient_image")
-CLEAN_KINDS = ("oracle", "naive_zf", "naive_l1")
+CLEAN_KINDS = ("oracle", "naive_zf", "naive_l1", "em")  # trained with plain EDM on images (no further mask)
+EM_SAMPLERS = ("dc", "adps", "mmps")  # E-step posterior samplers (adps with a clean prior is FS-DPS)
 # Keys a resumed run may change (everything else must match the checkpoint's config).
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.sample_n",
-                  "train.sample_steps", "train.num_workers", "train.device", "train.keep", "data.cache_mb"}
+                  "train.sample_steps", "train.num_workers", "train.device", "train.keep", "data.cache_mb", "em.rounds"}
 
 
 @dataclass
@@ -76,7 +77,8 @@ class LossConfig:
 
     ``kind``: ``ambient`` (k-space ambient loss on undersampled multi-coil data), ``ambient_image``
     (pixel/box corruption, seed paper), ``oracle`` (FS-EDM: plain EDM on fully sampled references),
-    ``naive_zf`` / ``naive_l1`` (plain EDM on zero-filled / L1-wavelet reconstructions).
+    ``naive_zf`` / ``naive_l1`` (plain EDM on zero-filled / L1-wavelet reconstructions), ``em`` (plain EDM
+    on posterior samples of the training scans: the M-step of ``em``, see :class:`EMConfig`).
     Further corruption (ambient kinds): ``further_accel`` = R~ (keep ``floor(N / R~)`` samples) or
     ``delta`` (remove that fraction of the sampled non-ACS lines; for ``ambient_image`` the further
     erased fraction or second-box area). ``redraw``: draw a new ``M~`` every step (default) or keep one
@@ -201,6 +203,37 @@ class DataConfig:
 
 
 @dataclass
+class EMConfig:
+    """Expectation-maximisation from an ambient start (``loss.kind: em``, ``ambient-mri train --em-from``;
+    ``ambient_mri.em``). Each of ``rounds`` rounds draws ``samples_per_scan`` posterior samples of every
+    training slice from its own measurements with the current prior (E-step: ``sampler`` with
+    ``sampler_steps`` steps, default the sampler's own; round 1 uses ``first_sampler`` with the ambient
+    prior, ``batch`` slices at a time), then trains a plain EDM prior on them for ``steps_per_round``
+    optimiser steps, warm-started from the previous round's weights (M-step)."""
+
+    rounds: int = 3
+    samples_per_scan: int = 1
+    sampler: str = "dc"
+    first_sampler: str = "dc"
+    sampler_steps: Optional[int] = None
+    steps_per_round: int = 1000
+    batch: int = 8
+
+    def check(self):
+        for k in ("rounds", "samples_per_scan", "steps_per_round", "batch"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"em.{k} must be >= 1 (got {getattr(self, k)})")
+        if self.sampler_steps is not None and self.sampler_steps < 1:
+            raise ConfigError(f"em.sampler_steps must be >= 1 or null (got {self.sampler_steps})")
+        for k in ("sampler", "first_sampler"):
+            if getattr(self, k) not in EM_SAMPLERS:
+                raise ConfigError(f"em.{k} must be one of {', '.join(EM_SAMPLERS)} (got {getattr(self, k)!r})")
+        if self.first_sampler == "mmps":
+            raise ConfigError("em.first_sampler cannot be mmps: the ambient prior's Jacobian does not give a "
+                              "positive-definite MMPS system (docs/theory.md); use dc or adps")
+
+
+@dataclass
 class Config:
     """A whole training configuration. ``name`` labels the run (baselines get their kind appended, so an
     oracle run is always called ``...-oracle``)."""
@@ -210,6 +243,7 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    em: EMConfig = field(default_factory=EMConfig)
 
     def check(self) -> "Config":
         if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9_.+-]+", self.name):
@@ -218,6 +252,7 @@ class Config:
         self.loss.check()
         self.train.check()
         self.data.check()
+        self.em.check()
         if self.loss.kind in CLEAN_KINDS and self.loss.kind not in self.name:
             self.name = f"{self.name}-{self.loss.kind}"
         return self

@@ -12,6 +12,8 @@ Each class reads a fixed whitelist of keys (``KEYS``) and nothing else:
 * :class:`ReferenceDataset` (the ORACLE, FS-EDM): ``reference`` of a val-style split. Items ``{"image", "index"}``.
 * :class:`NaiveDataset` (ZF-EDM / L1-EDM): ``A^H y`` or an L1-wavelet reconstruction of every training
   slice, computed once (and cached to a file), then plain images. Items ``{"image", "index"}``.
+* :class:`PosteriorSamplesDataset` (EM M-step): the posterior samples an EM round's E-step drew from the
+  training slices' own measurements. Items ``{"image", "index"}``.
 
 Small datasets (arrays under ``cache_mb`` MiB) are read into memory once; larger ones slice by slice.
 :func:`collate` stacks items into a batch and keeps complex tensors complex.
@@ -35,6 +37,8 @@ from .errors import DataError
 from .fsutil import atomic_path
 from .prepared import ARRAYS, FORMAT, read_manifest  # noqa: F401  (FORMAT, read_manifest: kept importable from here)
 from .prepared import attr_value as _attr
+
+SAMPLES_FILE = "samples.h5"  # an EM round's E-step output, in the round's run folder
 
 
 class PreparedDataset(Dataset):
@@ -370,6 +374,43 @@ class NaiveDataset(Dataset):
         return {"image": self.images[i], "index": i}
 
 
+class PosteriorSamplesDataset(Dataset):
+    """EM M-step training set (``loss.kind: em``): posterior samples of the training slices, drawn by the
+    E-step (``ambient_mri.em``) from each slice's own measurements and written to ``samples_path``
+    (``images (N K, H, W)`` complex64, attribute ``lineage``: JSON, the priors and samplers that drew them).
+
+    Reads the prepared folder only for its description (the k-space dataset's ``info``, manifest hash;
+    never a reference); refuses samples drawn from another dataset. Items ``{"image", "index"}``."""
+
+    def __init__(self, root: str | os.PathLike, samples_path: str | os.PathLike):
+        source = AmbientKspaceDataset(root, cache_mb=0)
+        self.root, self.info, self.manifest_sha256 = Path(root), dict(source.info), source.manifest_sha256
+        source.close()
+        path = Path(samples_path)
+        if not path.is_file():
+            raise DataError("no E-step samples here: an EM round trains on the samples its E-step writes first "
+                            "(ambient-mri train --em-from AMBIENT_CHECKPOINT)", path)
+        try:
+            with h5py.File(path, "r") as f:
+                self.images = torch.from_numpy(f["images"][()])
+                self.lineage = json.loads(f.attrs["lineage"])
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"cannot read the E-step samples ({' '.join(str(e).split())[:120]})", path) from None
+        if self.lineage.get("manifest_sha256") != self.manifest_sha256:
+            raise DataError("these E-step samples were drawn from another prepared dataset (manifest sha256 differs)",
+                            path)
+        H, W = self.info["shape"]
+        if self.images.ndim != 3 or tuple(self.images.shape[1:]) != (H, W) or not torch.isfinite(
+                torch.view_as_real(self.images)).all():
+            raise DataError(f"images must be finite (N, {H}, {W}), got {tuple(self.images.shape)}", path)
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "index": i}
+
+
 def collate(items: list[dict]) -> dict:
     """Stack a list of items into a batch (complex tensors stay complex; ``index`` -> int64 ``(B,)``)."""
     out = {}
@@ -398,6 +439,10 @@ def build_dataset(kind: str, root, *, lam: float = 1e-3, l1_iters: int = 100, ca
         recon = kind.split("_")[1]
         cache = None if cache_dir is None else Path(cache_dir) / NaiveDataset.cache_name(recon)
         return NaiveDataset(root, recon, lam, iters=l1_iters, cache_path=cache, cache_mb=cache_mb, progress=progress)
+    if kind == "em":
+        if cache_dir is None:
+            raise DataError("loss.kind=em reads the E-step samples of its run folder (give cache_dir)", root)
+        return PosteriorSamplesDataset(root, Path(cache_dir) / SAMPLES_FILE)
     raise DataError(f"no dataset for loss kind {kind!r}")
 
 

@@ -10,8 +10,9 @@ by ``H W`` (so that, fully sampled with ``sum_c |S_c|^2 = 1``, it is the per-pix
   measured k-space ``y = M F S x0`` only, with ``A~ x_t = M~ y + sigma M~ F S eta`` (``M~ <= M``);
 * :func:`ambient_image_loss` (Daras et al. 2023, inpainting / block corruption): input ``M~ (y + sigma eta)``,
   loss ``lambda ||M (D - y)||^2`` with ``y = M x0`` an image;
-* :func:`edm_loss`: plain EDM denoising of images ``x`` (the FS-EDM oracle on references, or the naive
-  ZF-/L1-EDM baselines on zero-filled / L1-wavelet reconstructions of undersampled data).
+* :func:`edm_loss`: plain EDM denoising of images ``x`` (the FS-EDM oracle on references, the naive
+  ZF-/L1-EDM baselines on zero-filled / L1-wavelet reconstructions of undersampled data, or an EM round's
+  M-step on posterior samples of the training scans).
 
 The trainer uses them through one object per ``loss.kind`` (:func:`build_loss`), each called as
 ``loss(denoiser, batch, generator) -> (B,)``: it draws ``sigma``, then ``M~`` (:class:`FurtherMask`), then the
@@ -209,7 +210,7 @@ class AmbientImageLoss(EDMLoss):
 
 
 LOSSES = {"ambient": AmbientKspaceLoss, "ambient_image": AmbientImageLoss, "oracle": EDMLoss, "naive_zf": EDMLoss,
-          "naive_l1": EDMLoss}
+          "naive_l1": EDMLoss, "em": EDMLoss}
 
 
 def build_loss(loss, corruption: Corruption, seed: int) -> EDMLoss:

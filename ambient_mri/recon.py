@@ -36,6 +36,7 @@ from tqdm import tqdm
 
 from . import baselines
 from .checkpoint import load_denoiser
+from .config import CLEAN_KINDS
 from .corruption import from_dict
 from .errors import AmbientMRIError, ConfigError, DataError
 from .fastmri_io import FastMRIVolume
@@ -46,7 +47,7 @@ from .prep import PrepOptions, prepare_volume, whitening_note
 from .prepared import UNITS_ATTR, UNITS_RAW, Scan, check_noise_std, is_prepared, load_prepared
 from .sampling import DEFAULT_STEPS, FURTHER, NOISE_AWARE, nfe, posterior
 from .sampling import METHODS as MODEL_METHODS
-ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with an oracle checkpoint; adps / adps-noise refuse one
+ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with a clean-trained prior (oracle, naive, EM); adps refuses an oracle
 # how M~ is drawn by default: inside the test mask for our DC sampler (+0.7 dB at R 4, +0.8 dB at R 8 on the
 # demo validation split, docs/recon.md), independently of it for A-DPS (as published)
 DEFAULT_FURTHER = {"dc": "within"}
@@ -390,9 +391,9 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         for p in denoiser.parameters():
             p.requires_grad_(False)
         kind = meta["training"].get("kind", "")
-        if method in ORACLE_METHODS and kind != "oracle":
-            raise ConfigError(f"--method {method} needs an oracle (FS-EDM) checkpoint; this one is {kind!r}",
-                              checkpoint)
+        if method in ORACLE_METHODS and kind not in CLEAN_KINDS:
+            raise ConfigError(f"--method {method} needs a clean-trained checkpoint ({', '.join(CLEAN_KINDS)}); "
+                              f"this one is {kind!r}", checkpoint)
         if method in ("adps", "adps-noise") and kind == "oracle":
             raise ConfigError(f"this is an oracle checkpoint: use --method {method.replace('adps', 'fsdps')}",
                               checkpoint)

@@ -24,6 +24,7 @@ LABELS = {
     "oracle": "ORACLE (FS-EDM): trained on fully sampled reference images, not an ambient model",
     "naive_zf": "naive ZF-EDM baseline: plain EDM on zero-filled reconstructions",
     "naive_l1": "naive L1-EDM baseline: plain EDM on L1-wavelet reconstructions",
+    "em": "EM (ambient start): plain EDM on posterior samples of the undersampled training scans",
 }
 
 
@@ -125,7 +126,7 @@ def describe_run(log: RunLog, *, cfg, meta: dict, data, device, env, resumed: tu
              f"{device}; {env.world} process(es), global batch {meta['global_batch']}; precision {meta['precision']}")
     if fp32_fallback:
         log.info(f"train.precision={cfg.train.precision} applies on GPU only: running fp32 on {device.type}")
-    if kind in ("ambient", "ambient_image", "naive_zf", "naive_l1") and info.get("split") not in (None, "train"):
+    if kind in ("ambient", "ambient_image", "naive_zf", "naive_l1", "em") and info.get("split") not in (None, "train"):
         log.info(f"note: the data is a {info.get('split')} split; only its measured data are read, never a reference")
     if kind == "oracle":
         log.info("ORACLE: this model sees fully sampled references (ground truth); it is the FS-EDM upper baseline")

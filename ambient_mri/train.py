@@ -237,7 +237,7 @@ def _resolve_config(config, overrides, ck: dict | None, out: Path) -> Config:
         if isinstance(config, Config) and overrides:
             cfg = Config.from_dict(apply_overrides(cfg.to_dict(), overrides))
         return cfg
-    base = ck["config"]
+    base = Config.from_dict(ck["config"]).to_dict()  # sections added since the checkpoint was written: defaults
     if config is not None:
         given = config.to_dict() if isinstance(config, Config) else load_config(config, overrides).to_dict()
     else:
@@ -329,6 +329,7 @@ def _training_meta(cfg: Config, dataset, corruption: Corruption, data: Path, env
         "data": {"root": os.fspath(data.resolve()), "manifest_sha256": dataset.manifest_sha256, "slices": len(dataset),
                  "split": info.get("split"), "domain": info.get("domain"), "shape": list(info["shape"]),
                  "coils": info.get("coils"), "mask_kind": info.get("mask_kind"), "accel": info.get("accel")},
+        "em": getattr(dataset, "lineage", None),  # EM rounds: the ambient start, each E-step's prior and sampler
         "version": __version__, "world_size": env.world, "global_batch": global_batch, "init": state.init,
         "precision": cfg.train.precision if state.amp is not None else "fp32",
         "params": sum(p.numel() for p in state.model.parameters()),

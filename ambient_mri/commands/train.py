@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import click
 
 from ..config import dump_yaml, load_config
 from ..distributed import dist_env
 from ..errors import ConfigError
+from ..em import STATE, run_em
 from ..train import train
 
 
@@ -28,16 +30,23 @@ from ..train import train
 @click.option("--init", "init", default=None, type=click.Path(dir_okay=False, exists=True),
               help="Start a new run from another checkpoint's EMA weights (fine-tuning); fresh optimiser; recorded in "
                    "the new checkpoints.")
+@click.option("--em-from", "em_from", default=None, type=click.Path(exists=True),
+              help="EM from an ambient start (loss.kind=em): round 0's prior, an ambient checkpoint or run folder. "
+                   "Each round posterior-samples every training scan (em.sampler, em.samples_per_scan), then trains "
+                   "a plain EDM prior on the samples (em.steps_per_round); em.rounds rounds. Without --config: the "
+                   "ambient model's own settings. --resume continues an EM run in --out.")
 @click.option("--print-config", is_flag=True, help="Print the resolved config (after overrides) and exit.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (log lines still go to stderr and RUN/train.log).")
 @click.argument("overrides", nargs=-1)
-def command(config, data, out, resume, init, print_config, quiet, overrides):
+def command(config, data, out, resume, init, em_from, print_config, quiet, overrides):
     """Train a diffusion prior on a prepared dataset.
 
     OVERRIDES are key=value pairs with dotted keys that replace config values, read as YAML:
     train.steps=200 train.lr=1e-4 model.channels=[16,32] loss.redraw=false loss.kind=oracle.
+    EM from an ambient start: --em-from AMBIENT_CHECKPOINT (see docs/training.md); keys em.rounds,
+    em.samples_per_scan, em.sampler (dc | adps | mmps), em.first_sampler, em.sampler_steps, em.steps_per_round, em.batch.
     Sections: model (channels, blocks, attention, dropout, groups, sigma_data, cond), loss (kind: ambient |
-    ambient_image | oracle | naive_zf | naive_l1; further_accel or delta; redraw; domain; P_mean; P_std; lam;
+    ambient_image | oracle | naive_zf | naive_l1 | em; further_accel or delta; redraw; domain; P_mean; P_std; lam;
     l1_iters), train (steps, batch, lr, optimizer, weight_decay, warmup, grad_clip, ema_halflife, ema_rampup,
     ema_decay, precision, seed, log_every, ckpt_every, sample_every, sample_n, sample_steps, keep, num_workers,
     device), data (cache_mb). Every key is checked before any work starts. Ctrl-C or SIGTERM saves a
@@ -50,6 +59,14 @@ def command(config, data, out, resume, init, print_config, quiet, overrides):
         click.echo(dump_yaml(load_config(config, overrides).to_dict()), nl=False)
         return
     env = dist_env()
+    if em_from is not None or (resume and (Path(out) / STATE).is_file()):
+        if init is not None:
+            raise ConfigError("--init does not apply to EM (round 1 starts from --em-from's weights where they fit)")
+        res = run_em(config, data, out, em_from=em_from, overrides=overrides, resume=resume, progress=not quiet,
+                     echo=lambda m: click.echo(m, err=True))
+        if res["interrupted"]:
+            sys.exit({"SIGINT": 130, "SIGTERM": 143}.get(res["interrupted"], 1))
+        return
     res = train(config, data, out, overrides=overrides, resume=resume, init=init, progress=not quiet,
                 echo=lambda m: click.echo(m, err=True))
     code = {"SIGINT": 130, "SIGTERM": 143}.get(res["interrupted"], 0)
