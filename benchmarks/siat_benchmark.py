@@ -16,6 +16,10 @@ Stages (each skipped when its outputs exist, so an interrupted run resumes):
            after another with every thread.
  5. recon  ZF, CG-SENSE, L1; ambient A-OS, DC, A-DPS; oracle DC and FS-DPS; naive DC and DPS; with true maps:
            L1 and the ambient and oracle DC samplers.
+ 5b. em    (``--em-rounds N``, issue 12) EM from the ambient prior: N rounds of E-step (posterior samples of every
+           training scan, ``--em-sampler``) and M-step (``--em-steps`` steps of plain EDM, warm-started); each round's
+           prior reconstructs with DC, the last also with FS-DPS (l tuned as above) and MMPS. Can be added to a
+           finished run (the other stages are kept; eval and memorisation are redone with the new rows).
  6. eval   tables in both metric conventions; paired PSNR differences with 95 % bootstrap intervals (best
            ambient sampler vs L1, vs the naive prior's best, vs the oracle's best); prior samples of the three
            models side by side and memorisation (nearest training slice by NCC); the Markdown report.
@@ -123,11 +127,13 @@ def settings(args) -> dict:
              maps=args.maps or ("espirit-torch" if args.quick else "espirit-sake"), true_maps=not args.no_true_maps, eval_split=args.eval_split, slices=None,
              steps=2000, batch=8, lr=6e-4, ema_halflife=8000, dps_steps=100, dc_steps=25, mem_samples=64,
              mem_steps=18, l_candidates=[1.0, 3.0, 10.0], tune_slices=4, l1_tune_slices=8, l1_iters=100,
-             l1_candidates=None, threads=args.threads, quick=False)
+             l1_candidates=None, threads=args.threads, quick=False, em_rounds=args.em_rounds,
+             em_steps=args.em_steps, em_sampler=args.em_sampler, em_sampler_steps=args.em_sampler_steps,
+             mmps_steps=10, mmps_cg=3)
     if args.quick:
         S.update(slices="0:60", steps=20, batch=4, dps_steps=8, dc_steps=4, mem_samples=4, mem_steps=6,
                  l_candidates=[1.0], tune_slices=2, l1_tune_slices=2, l1_iters=20, l1_candidates=[1e-3, 1e-2],
-                 quick=True)
+                 quick=True, em_steps=min(args.em_steps, 10), em_sampler_steps=3, mmps_steps=3, mmps_cg=2)
     for key in ("steps", "dps_steps"):
         if getattr(args, key):
             S[key] = getattr(args, key)
@@ -141,6 +147,7 @@ LEARNED = [("aos", "aos", "ambient"), ("dc", "dc", "ambient"), ("adps", "adps", 
            ("oracle-dc", "dc", "oracle"), ("fsdps", "fsdps", "oracle"),
            ("naive-dc", "dc", "naive"), ("naive-dps", "adps", "naive")]
 DPS = {"ambient": "adps", "oracle": "fsdps", "naive": "adps"}  # naive: a clean-view model under the A-DPS code path
+ADDABLE = ("steps", "threads", "em_rounds", "em_steps", "em_sampler", "em_sampler_steps", "mmps_steps", "mmps_cg")
 
 
 def main():
@@ -166,6 +173,12 @@ def main():
     ap.add_argument("--steps", type=int, default=None, help="Training steps of each model (default 2000; 20 with --quick).")
     ap.add_argument("--dps-steps", type=int, default=None, help="A-DPS / FS-DPS steps (default 100).")
     ap.add_argument("--l-candidates", nargs="+", default=None, help="DPS step sizes tried on validation.")
+    ap.add_argument("--em-rounds", type=int, default=0,
+                    help="EM rounds from the ambient prior (issue 12; 0 = none). May be added to a finished run.")
+    ap.add_argument("--em-steps", type=int, default=500, help="M-step training steps per EM round.")
+    ap.add_argument("--em-sampler", choices=["dc", "adps", "mmps"], default="dc",
+                    help="E-step sampler of rounds 2.. (round 1, with the ambient prior, uses dc).")
+    ap.add_argument("--em-sampler-steps", type=int, default=10, help="E-step sampler steps.")
     ap.add_argument("--threads", type=int, default=2,
                     help="Torch threads per command; the models train one after another with all of them.")
     args = ap.parse_args()
@@ -174,8 +187,7 @@ def main():
     b = Bench(args.out.resolve(), args.quick, args.shared.resolve(), args.threads)
     S = settings(args)
     old = b.state.get("settings")
-    if old and {k: v for k, v in old.items() if k not in ("steps", "threads")} != \
-            {k: v for k, v in S.items() if k not in ("steps", "threads")}:
+    if old and {k: v for k, v in old.items() if k not in ADDABLE} != {k: v for k, v in S.items() if k not in ADDABLE}:
         raise SystemExit(f"{b.out} holds a run with other settings; use another --out")
     b.state["settings"] = S
     b.save()
@@ -311,6 +323,58 @@ def main():
 
     b.stage("recon", recon)
 
+    # 5b. EM from the ambient prior (issue 12): rounds, then each round's prior on the same eval slices -----
+    em_ck = {f"em{r}": f"runs/em/round_{r}/checkpoint.pt" for r in range(1, S["em_rounds"] + 1)}
+
+    def em():
+        args_ = AMB + ["train", "--em-from", ck["ambient"], "--data", "prep/train", "--out", "runs/em", "-q",
+                       f"em.rounds={S['em_rounds']}", f"em.steps_per_round={S['em_steps']}", "em.first_sampler=dc",
+                       f"em.sampler={S['em_sampler']}", f"em.sampler_steps={S['em_sampler_steps']}",
+                       f"train.warmup={min(200, S['em_steps'] // 4)}", f"train.ckpt_every={max(S['em_steps'] // 3, 10)}"]
+        if (b.out / "runs" / "em" / "em.json").exists():
+            args_ += ["--resume"]
+        if b.cmd(args_, background=True, log=b.out / "train_em.log").wait() != 0:
+            raise SystemExit("EM failed; see train_em.log")
+        state = json.loads((b.out / "runs" / "em" / "em.json").read_text())
+        return {"rounds": state["rounds"], "wall_s": state["done"]["wall_s"]}
+
+    def tune_em():
+        from ambient_mri.evaluate import run_eval
+
+        last = list(em_ck)[-1]
+        sub, scores = b.out / "sets" / "tune_dps", {}
+        for lc in S["l_candidates"]:
+            d = f"tune/{last}_l{lc:g}"
+            b.cmd(AMB + ["recon", "--input", sub, "--out", d, "--method", "fsdps", "--checkpoint", em_ck[last],
+                         "--steps", S["dps_steps"], "--step-size", lc, "--no-nifti", "--no-png", "-q"],
+                  log=b.out / "tune.log")
+            scores[f"{lc:g}"] = run_eval([b.out / d], sub, b.out / d / "report")["summary"][0]["psnr_adps"][0]
+        return {"step_size": float(max(scores, key=scores.get)), "scores": scores}
+
+    def em_recon():
+        log, last = b.out / "recon.log", list(em_ck)[-1]
+        for R in accels:
+            jobs = [(f"{name}-dc", "dc", ["--steps", S["dc_steps"]]) for name in em_ck]
+            jobs += [(f"{last}-fsdps", "fsdps", ["--steps", S["dps_steps"], "--step-size", b.state["tune_em"]["step_size"]]),
+                     (f"{last}-mmps", "mmps", ["--steps", S["mmps_steps"], "--cg-iters", S["mmps_cg"]])]
+            for label, method, extra in jobs:
+                dest = b.out / "rec" / tag(R) / label
+                b.cmd(AMB + ["recon", "--input", eval_set(R), "--out", dest, "--method", method, "--label", label,
+                             "--checkpoint", em_ck[label.split("-")[0]], "--no-nifti", "--no-png", "-q", *extra], log=log)
+
+    if em_ck:
+        b.stage(f"em_{S['em_rounds']}", em)
+        b.state["em"] = b.state[f"em_{S['em_rounds']}"]
+        if S["quick"]:  # the smoke test does not tune
+            b.state.setdefault("tune_em", {"step_size": S["l_candidates"][0], "done": True})
+        b.stage("tune_em", tune_em)
+        b.stage(f"em_recon_{S['em_rounds']}", em_recon)
+        ck.update(em_ck)
+    labels = sorted(p.name for R in accels for p in (b.out / "rec" / tag(R)).iterdir() if p.is_dir())
+    for name, key in (("eval", labels), ("memorisation", sorted(ck))):  # redone when rows were added
+        if b.state.get(name, {}).get("done") and b.state[name].get("key") != key:
+            del b.state[name]
+
     # 6. eval, paired differences, memorisation, report ---------------------------------------------
     def evaluate():
         from ambient_mri.evaluate import run_eval
@@ -320,12 +384,12 @@ def main():
             for v in ("", "_truemaps") if S["true_maps"] else ("",):
                 dirs = sorted(p for p in (b.out / "rec" / f"{tag(R)}{v}").iterdir() if p.is_dir())
                 out[f"{tag(R)}{v}"] = run_eval(dirs, eval_set(R, v), b.out / "report" / f"{tag(R)}{v}")["summary"]
-        return {"summary": out, "paired": {tag(R): _paired(b.out / "report" / tag(R)) for R in accels}}
+        return {"summary": out, "paired": {tag(R): _paired(b.out / "report" / tag(R)) for R in accels}, "key": labels}
 
     b.stage("eval", evaluate)
 
     def memorisation():
-        return {"memorisation": _memorisation(b, ck, S["mem_samples"])}
+        return {"memorisation": _memorisation(b, ck, S["mem_samples"]), "key": sorted(ck)}
 
     b.stage("memorisation", memorisation)
     report = _report(b, S, args)
@@ -354,6 +418,11 @@ def _paired(report: Path) -> list[dict]:
     amb = best(["aos", "dc", "adps"])
     pairs = [(amb, "l1"), (amb, best(["naive-dc", "naive-dps"])), (amb, best(["oracle-dc", "fsdps"]))]
     pairs += [(x, "l1") for x in ("aos", "dc", "adps") if x in score and x != amb]
+    rounds = sorted({x.split("-")[0] for x in score if x.startswith("em")})
+    if rounds:  # EM (issue 12): the last round's best sampler against the oracle's best and the ambient start's best
+        em_best = best([x for x in score if x.startswith(rounds[-1] + "-")])
+        pairs += [(em_best, best(["oracle-dc", "fsdps"])), (em_best, amb), (em_best, "l1")]
+        pairs += [(f"{r}-dc", "dc") for r in rounds if f"{r}-dc" in score]
     return [dict(paired_difference(score[a], score[c]), a=a, b=c) for a, c in pairs]
 
 
@@ -489,6 +558,16 @@ def _report(b: Bench, S: dict, args) -> str:
         for R, rows in paired.items():
             for r in rows:
                 lines.append(f"| {R} | {r['a']} | {r['b']} | {r['mean']:+.2f} | [{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['n']} |")
+        lines.append("")
+    em = st.get("em")
+    if em:
+        amb_s = thr.get("ambient", {}).get("wall_s", 0.0)
+        lines += ["## EM from the ambient prior (wall time on this machine)", "",
+                  "| round | E-step s | M-step s | prior's total s (ambient training included) |", "|---|---|---|---|"]
+        total = amb_s
+        for r in em["rounds"]:
+            total += r["estep_s"] + r["mstep_s"]
+            lines.append(f"| {r['round']} | {r['estep_s']:.0f} | {r['mstep_s']:.0f} | {total:.0f} |")
         lines.append("")
     mem = st.get("memorisation", {}).get("memorisation")
     if mem:
