@@ -169,6 +169,9 @@ def main():
     ap.add_argument("--eval-split", choices=["val", "test"], default="test",
                     help="Score on the test split (the final run) or on validation volumes other than the "
                          "tuning volume (a pilot: test slices untouched).")
+    ap.add_argument("--prep-from", type=Path, default=None,
+                    help="Reuse the data and prepared splits of another benchmark folder with the same data and prep "
+                         "settings (hard links; prep then adds only what is missing, e.g. the test split's true-map copy).")
     ap.add_argument("--docs", type=Path, default=None, help="Write the Markdown report here (default: OUT/benchmarks.md).")
     ap.add_argument("--steps", type=int, default=None, help="Training steps of each model (default 2000; 20 with --quick).")
     ap.add_argument("--dps-steps", type=int, default=None, help="A-DPS / FS-DPS steps (default 100).")
@@ -196,6 +199,16 @@ def main():
     tag = lambda R: f"R{R:g}"  # noqa: E731
 
     # 1. data ---------------------------------------------------------------------------------
+    PREP_KEYS = ("mask", "train_accel", "test_accels", "center", "coils", "size", "maps", "slices")
+    if args.prep_from and not b.state.get("data", {}).get("done"):
+        other = json.loads((args.prep_from / "state.json").read_text())
+        if not other.get("prep", {}).get("done") or any(other["settings"].get(k) != S[k] for k in PREP_KEYS):
+            raise SystemExit(f"--prep-from {args.prep_from}: its prep is not finished or its data/prep settings differ")
+        for sub in ("data", "prep"):  # hard links: prep writes new files by rename, never into a linked one
+            subprocess.run(["cp", "-al", str(args.prep_from.resolve() / sub), str(b.out / sub)], check=True)
+        b.state["data"] = {"done": True, "seconds": 0.0, "reused_from": os.fspath(args.prep_from.resolve())}
+        b.save()
+
     def data():
         extra = ["--slices", S["slices"]] if S["slices"] else []
         b.cmd([py, "-m", "data_prep", "siat", b.shared, "data", "--size", S["size"], "--coils", S["coils"],
@@ -527,6 +540,9 @@ def _report(b: Bench, S: dict, args) -> str:
     lines += [f"Reproduce: `python benchmarks/siat_benchmark.py {argv}` (every command it ran is in "
               "`OUT/commands.log`). Seeds: data 0, train masks 0, val masks 1, test masks 2, training seed 0, "
               "sampler seed 0.", ""]
+    if st.get("data", {}).get("reused_from"):
+        lines += [f"Data and prepared splits reused (hard links, same data/prep settings and seeds) from "
+                  f"`{st['data']['reused_from']}`; the prep wall time below covers only what was added.", ""]
     lines += ["## Settings", "", "```", json.dumps(S, indent=2), "```", ""]
     lines += ["## Stage wall times (s)", ""] + [f"- {k}: {v.get('seconds')}" for k, v in st.items()
                                                  if isinstance(v, dict) and "seconds" in v] + [""]
