@@ -34,6 +34,17 @@ FORMAT = "ambient_mri.checkpoint/1"
 LATEST = "checkpoint.pt"
 SNAPSHOT_DIR = "checkpoints"
 _SNAP = re.compile(r"^ckpt_(\d+)\.pt$")
+ASSETS = Path(__file__).resolve().with_name("assets")
+# checkpoints shipped with the package (model cards in docs/), usable by name wherever a checkpoint is read
+PACKAGED = {"demo": "demo_ckpt.pt", "siat64-lines-r4": "siat64_lines_r4_ambient.pt"}
+
+
+def resolve(path) -> Path:
+    """``path`` itself, or the packaged checkpoint of that name (:data:`PACKAGED`) when no such file or folder exists."""
+    p = Path(path)
+    if not p.exists() and str(path) in PACKAGED:
+        return ASSETS / PACKAGED[str(path)]
+    return p
 
 
 # ----------------------------------------------------------------------------------------------
@@ -157,10 +168,11 @@ def _reason(e: BaseException) -> str:
 
 def load_checkpoint(path, map_location="cpu") -> dict:
     """Read a checkpoint with ``torch.load(path, weights_only=True)``; one-line :class:`DataError` for a
-    missing, damaged or pickled file, or one that is not an ambient_mri training checkpoint."""
-    path = Path(path)
+    missing, damaged or pickled file, or one that is not an ambient_mri training checkpoint. ``path`` may name a
+    packaged checkpoint (:data:`PACKAGED`)."""
+    path = resolve(path)
     if not path.is_file():
-        raise DataError("no such checkpoint", path)
+        raise DataError(f"no such checkpoint (packaged ones: {', '.join(PACKAGED)})", path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # UnpicklingError, RuntimeError, EOFError... depending on the damage
@@ -216,8 +228,9 @@ def load_denoiser(path, ema: bool = True, device="cpu"):
 
     ``meta``: ``{"path", "step", "config", "training", "version", "ema"}``; ``meta["training"]["corruption"]``
     is the plain-data ``corruption.Corruption`` (``corruption.from_dict``); ``meta["training"]["kind"]`` is
-    ambient | ambient_image | oracle | naive_zf | naive_l1 | em (``meta["training"]["em"]``: the EM lineage)."""
-    path = Path(path)
+    ambient | ambient_image | oracle | naive_zf | naive_l1 | em (``meta["training"]["em"]``: the EM lineage).
+    ``path`` may name a packaged checkpoint (:data:`PACKAGED`)."""
+    path = resolve(path)
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:

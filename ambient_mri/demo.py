@@ -18,6 +18,7 @@ from pathlib import Path
 
 from data_prep.demo_data import existing_demo, generate_demo
 
+from .checkpoint import ASSETS, PACKAGED
 from .errors import DataError
 from .evaluate import run_eval
 from .fsutil import make_dir
@@ -25,7 +26,7 @@ from .prep import PrepOptions, run_prep
 from .recon import run_recon
 from .train import train
 
-DEMO_CHECKPOINT = Path(__file__).with_name("assets") / "demo_ckpt.pt"
+DEMO_CHECKPOINT = ASSETS / PACKAGED["demo"]
 TRAIN_ACCEL, TEST_ACCELS = 4.0, (4.0, 8.0)
 # A-DPS step l for the demo checkpoint, chosen on the demo's *validation* volume demo_val_000 at R = 8
 # (100 steps; l = 0.2 / 1 / 3 gave 18.4 / 24.4 / 21.6 dB, docs/model_card_demo.md), never on the test scans

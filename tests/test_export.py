@@ -3,10 +3,11 @@ that trained it; the packaged demo checkpoint is such a copy."""
 
 import re
 
+import pytest
 import torch
 
 from ambient_mri import demo
-from ambient_mri.checkpoint import FORMAT, export_weights, load_checkpoint, save_checkpoint
+from ambient_mri.checkpoint import ASSETS, FORMAT, PACKAGED, export_weights, load_checkpoint, save_checkpoint
 from ambient_mri.networks import build_denoiser
 
 MODEL = {"channels": [8, 8], "groups": 4}
@@ -54,9 +55,16 @@ def test_export_keeps_the_ema_weights_and_drops_absolute_paths(tmp_path):
     assert all(torch.equal(again["model"][k], v) for k, v in ck["model"].items())
 
 
-def test_packaged_demo_checkpoint_names_no_folder_of_the_training_machine():
-    raw = demo.DEMO_CHECKPOINT.read_bytes()
+@pytest.mark.parametrize("name", sorted(PACKAGED))
+def test_packaged_checkpoints_name_no_folder_of_the_training_machine(name):
+    path = ASSETS / PACKAGED[name]
+    raw = path.read_bytes()
     assert not MACHINE_PATH.search(raw), MACHINE_PATH.search(raw)
-    ck = load_checkpoint(demo.DEMO_CHECKPOINT)
+    ck = load_checkpoint(name)  # by name, as recon --checkpoint NAME reads it
     assert not [s for s in strings({k: v for k, v in ck.items() if k != "model"}) if s.startswith("/")]
     assert ck["exported_from_ema"] and ck["ema"] is None
+    # small, an ambient model trained on an undersampled train split only, finished (not a snapshot)
+    assert path.stat().st_size < 8 * 2**20
+    assert ck["config"]["loss"]["kind"] == "ambient" and ck["training"]["data"]["split"] == "train"
+    assert ck["step"] == ck["config"]["train"]["steps"]
+    assert demo.DEMO_CHECKPOINT == ASSETS / PACKAGED["demo"]

@@ -16,7 +16,8 @@ from ..recon import METHODS, run_recon
                    "fsdps-noise: the same with the likelihood step sized by the noise level; aos: one-step; dc: our "
                    "fast Heun sampler with noise-weighted CG data consistency; mmps: moment-matching posterior sampling (Rozet et al. 2024; for clean-trained priors: oracle, naive, EM); zf: zero-filled A^H y; sense: "
                    "CG-SENSE; l1: L1-wavelet.")
-@click.option("--checkpoint", type=click.Path(exists=True), help="Checkpoint (or run folder) for model methods.")
+@click.option("--checkpoint", help="Checkpoint (or run folder) for model methods, or a packaged one by name: demo, "
+                                   "siat64-lines-r4 (docs/model_card_siat64.md).")
 @click.option("--steps", type=int, help="Sampler steps (default: 500 adps/fsdps, 25 dc and mmps).")
 @click.option("--samples", default=1, show_default=True, help="Posterior samples per scan (mean and std are saved).")
 @click.option("--seed", default=0, show_default=True, help="Sampler seed (and mask seed for --accel).")

@@ -17,8 +17,9 @@ from ..sampling import run_sample
 
 
 @click.command()
-@click.option("--checkpoint", "-c", "checkpoint", required=True, type=click.Path(exists=True),
-              help="A training checkpoint (RUN/checkpoint.pt or a snapshot), or a run folder (its newest checkpoint).")
+@click.option("--checkpoint", "-c", "checkpoint", required=True,
+              help="A training checkpoint (RUN/checkpoint.pt or a snapshot), a run folder (its newest checkpoint), or "
+                   "a packaged one by name (demo, siat64-lines-r4).")
 @click.option("--n", "n", type=click.IntRange(min=1), default=16, show_default=True, help="Number of samples.")
 @click.option("--out", "-o", "out", required=True, type=click.Path(file_okay=False),
               help="Output folder: samples.png (magnitude grid), samples.npy (complex), samples.h5, sample.json.")
