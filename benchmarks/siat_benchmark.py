@@ -543,6 +543,12 @@ def _report(b: Bench, S: dict, args) -> str:
     if st.get("data", {}).get("reused_from"):
         lines += [f"Data and prepared splits reused (hard links, same data/prep settings and seeds) from "
                   f"`{st['data']['reused_from']}`; the prep wall time below covers only what was added.", ""]
+    degenerate = [R for R in S["test_accels"] if S["mask"] == "lines" and S["center"] >= S["size"] / R]
+    if degenerate:  # the A-DPS line mask keeps round(W / R) lines, the ACS block first
+        lines += [f"**Warning:** at R = {', '.join(f'{R:g}' for R in degenerate)} the line mask keeps only the "
+                  f"{S['center']} calibration lines of {S['size']} (no random line): that R tests super-resolution "
+                  "along the phase-encode direction, not compressed sensing. Use fewer --center-lines or a larger "
+                  "--size.", ""]
     lines += ["## Settings", "", "```", json.dumps(S, indent=2), "```", ""]
     lines += ["## Stage wall times (s)", ""] + [f"- {k}: {v.get('seconds')}" for k, v in st.items()
                                                  if isinstance(v, dict) and "seconds" in v] + [""]
