@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from .checkpoint import LATEST, load_checkpoint, load_denoiser
-from .config import RESUMABLE_KEYS, Config, apply_overrides, changed_keys, load_config
+from .config import Config, apply_overrides, load_config
 from .datasets import SAMPLES_FILE
 from .distributed import derived_seed, dist_env, resolve_device
 from .errors import ConfigError, DataError
@@ -43,7 +43,7 @@ from .fsutil import atomic_h5, atomic_path, make_dir, sha256_file, write_json
 from .prepared import load_prepared, read_manifest
 from .recon import DEFAULT_FURTHER, resolve_noise
 from .sampling import DEFAULT_STEPS, nfe, posterior
-from .train import train
+from .train import resolve_config, train
 
 STATE = "em.json"
 PARTIAL = ".estep"
@@ -53,9 +53,9 @@ def round_dir(out: Path, r: int) -> Path:
     return Path(out) / f"round_{r}"
 
 
-def prior_record(path) -> dict:
-    """Which checkpoint a prior is: path, sha256, step, training kind."""
-    ck = load_checkpoint(path)
+def prior_record(path, ck: dict) -> dict:
+    """Which checkpoint a prior is: path, sha256, step, training kind (``ck``: the loaded checkpoint, or the
+    ``meta`` of ``load_denoiser``; both carry ``step`` and ``training``)."""
     return {"path": os.fspath(Path(path).resolve()), "sha256": sha256_file(path), "step": int(ck["step"]),
             "kind": ck["training"].get("kind")}
 
@@ -78,7 +78,7 @@ def e_step(prior, data, out_dir, *, r: int, em, seed: int = 0, device="cpu", pro
     further = DEFAULT_FURTHER.get(method, "independent")
     denoiser, meta = load_denoiser(prior, device=device)
     denoiser.requires_grad_(False)
-    record = prior_record(prior)
+    record = prior_record(prior, meta)
     key = {"manifest_sha256": manifest_sha, "prior_sha256": record["sha256"], "round": r, "sampler": method,
            "steps": steps, "samples_per_scan": em.samples_per_scan, "batch": em.batch, "seed": seed, "further": further}
     part = out_dir / PARTIAL
@@ -138,13 +138,13 @@ def e_step(prior, data, out_dir, *, r: int, em, seed: int = 0, device="cpu", pro
     return target
 
 
-def em_config(config, em_from, overrides) -> Config:
+def em_config(config, ambient_config: dict, overrides) -> Config:
     """The EM run's config: ``config`` (a Config, a YAML path or packaged name) with ``overrides``, or by
-    default the ambient checkpoint's own model and training settings (``model.sigma_view = 0``: a plain
-    EDM prior) with ``loss.kind = em``."""
+    default the ambient checkpoint's own model and training settings (``ambient_config``, with
+    ``model.sigma_view = 0``: a plain EDM prior) and ``loss.kind = em``."""
     if config is None:
-        d = load_checkpoint(em_from)["config"]
-        d = dict(d, name=str(d.get("name", "run")).removesuffix("-em") + "-em", loss={"kind": "em"})
+        d = dict(ambient_config, name=str(ambient_config.get("name", "run")).removesuffix("-em") + "-em",
+                 loss={"kind": "em"})
         d["model"] = dict(d["model"], sigma_view=0.0)
         cfg = Config.from_dict(apply_overrides(d, overrides))
     elif isinstance(config, Config):
@@ -191,13 +191,7 @@ def run_em(config=None, data=None, out=None, *, em_from=None, overrides=(), resu
         state = json.loads(state_path.read_text())
         if em_from is not None and Path(em_from).resolve() != Path(state["ambient"]["path"]):
             raise ConfigError("--em-from differs from the ambient checkpoint this EM run started from", out)
-        base = Config.from_dict(state["config"]).to_dict()
-        cfg = Config.from_dict(apply_overrides(base, overrides) if config is None else
-                               em_config(config, state["ambient"]["path"], overrides).to_dict())
-        bad = [k for k in changed_keys(base, cfg.to_dict()) if k not in RESUMABLE_KEYS]
-        if bad:
-            raise ConfigError(f"cannot change {', '.join(bad)} when resuming an EM run (only em.rounds and "
-                              f"{', '.join(sorted(RESUMABLE_KEYS - {'em.rounds'}))})", out)
+        cfg = resolve_config(config, overrides, {"config": state["config"]}, out)  # the rule of train --resume
         if data is not None and Path(data).resolve() != Path(state["data"]):
             raise ConfigError("--data differs from the prepared folder this EM run uses", out)
         data, ambient = Path(state["data"]), state["ambient"]
@@ -212,19 +206,18 @@ def run_em(config=None, data=None, out=None, *, em_from=None, overrides=(), resu
         em_from = Path(em_from)
         if em_from.is_dir():
             em_from = em_from / LATEST
-        cfg = em_config(config, em_from, overrides)
-        ambient = prior_record(em_from)
+        ambient_ck = load_checkpoint(em_from)
+        cfg = em_config(config, ambient_ck["config"], overrides)
+        ambient = dict(prior_record(em_from, ambient_ck), model=ambient_ck["config"]["model"])
         if ambient["kind"] not in ("ambient",):
             raise ConfigError(f"--em-from needs an ambient k-space checkpoint (this one is {ambient['kind']!r})", em_from)
         read_manifest(data)
         make_dir(out)
-        state = {"config": cfg.to_dict(), "data": os.fspath(Path(data).resolve()), "ambient": ambient, "rounds": []}
-        write_json(state_path, state)
+        state = {"data": os.fspath(Path(data).resolve()), "ambient": ambient, "rounds": []}
     state["config"] = cfg.to_dict()
     write_json(state_path, state)
 
     device = resolve_device(cfg.train.device, option="train.device")
-    ambient_model = load_checkpoint(ambient["path"])["config"]["model"]
     prior, result = Path(ambient["path"]), {"interrupted": None}
     for r in range(1, cfg.em.rounds + 1):
         rd = round_dir(out, r)
@@ -238,7 +231,7 @@ def run_em(config=None, data=None, out=None, *, em_from=None, overrides=(), resu
              f"{cfg.em.steps_per_round} steps")
         started = (rd / LATEST).is_file() or any((rd / "checkpoints").glob("ckpt_*.pt"))
         init = None
-        if not started and (r > 1 or _same_architecture(cfg.to_dict()["model"], ambient_model)):
+        if not started and (r > 1 or _same_architecture(cfg.to_dict()["model"], ambient["model"])):
             init = prior  # warm start: the previous round's (round 1: the ambient model's) EMA weights
         result = train(round_config(cfg, r), data, rd, resume=started, init=init, progress=progress, echo=echo)
         if result["interrupted"] is not None:

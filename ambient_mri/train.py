@@ -49,7 +49,7 @@ from .sampling import sample_grid
 # public names; DistEnv, dist_env, derived_seed, resolve_device, loss_denoiser (distributed) and RunLog, LABELS,
 # METRICS_COLUMNS (runlog) moved out and stay importable from here (tests and benchmarks import them)
 __all__ = ["train", "DistEnv", "dist_env", "derived_seed", "resolve_device", "loss_denoiser", "RunLog",
-           "LABELS", "METRICS_COLUMNS", "ema_beta", "lr_at", "autocast_hooks", "check_against_data"]
+           "LABELS", "METRICS_COLUMNS", "ema_beta", "lr_at", "autocast_hooks", "check_against_data", "resolve_config"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +227,7 @@ def _resume_checkpoint(out: Path, resume: bool, config, env: DistEnv, echo) -> d
     return None
 
 
-def _resolve_config(config, overrides, ck: dict | None, out: Path) -> Config:
+def resolve_config(config, overrides, ck: dict | None, out: Path) -> Config:
     """The run's config: ``config`` + ``overrides``; when resuming, checked against the checkpoint's (only
     :data:`config.RESUMABLE_KEYS` may change; ``config=None`` means the checkpoint's own)."""
     if ck is None:
@@ -267,7 +267,7 @@ def train(config, data=None, out=None, *, overrides=(), resume: bool = False, in
     ck = _resume_checkpoint(out, resume, config, env, echo)
     if init is not None and ck is not None:
         raise ConfigError("--init applies to a new run; a resumed run continues from its own checkpoint")
-    cfg = _resolve_config(config, overrides, ck, out)
+    cfg = resolve_config(config, overrides, ck, out)
     if data is None:
         if ck is None:
             raise ConfigError("give --data PREPARED (the prepared dataset folder)")

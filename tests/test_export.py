@@ -6,7 +6,6 @@ import re
 import pytest
 import torch
 
-from ambient_mri import demo
 from ambient_mri.checkpoint import ASSETS, FORMAT, PACKAGED, export_weights, load_checkpoint, save_checkpoint
 from ambient_mri.networks import build_denoiser
 
@@ -67,4 +66,3 @@ def test_packaged_checkpoints_name_no_folder_of_the_training_machine(name):
     assert path.stat().st_size < 8 * 2**20
     assert ck["config"]["loss"]["kind"] == "ambient" and ck["training"]["data"]["split"] == "train"
     assert ck["step"] == ck["config"]["train"]["steps"]
-    assert demo.DEMO_CHECKPOINT == ASSETS / PACKAGED["demo"]

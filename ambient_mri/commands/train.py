@@ -59,16 +59,14 @@ def command(config, data, out, resume, init, em_from, print_config, quiet, overr
         click.echo(dump_yaml(load_config(config, overrides).to_dict()), nl=False)
         return
     env = dist_env()
+    echo = lambda m: click.echo(m, err=True)  # noqa: E731
     if em_from is not None or (resume and (Path(out) / STATE).is_file()):
         if init is not None:
             raise ConfigError("--init does not apply to EM (round 1 starts from --em-from's weights where they fit)")
         res = run_em(config, data, out, em_from=em_from, overrides=overrides, resume=resume, progress=not quiet,
-                     echo=lambda m: click.echo(m, err=True))
-        if res["interrupted"]:
-            sys.exit({"SIGINT": 130, "SIGTERM": 143}.get(res["interrupted"], 1))
-        return
-    res = train(config, data, out, overrides=overrides, resume=resume, init=init, progress=not quiet,
-                echo=lambda m: click.echo(m, err=True))
+                     echo=echo)
+    else:
+        res = train(config, data, out, overrides=overrides, resume=resume, init=init, progress=not quiet, echo=echo)
     code = {"SIGINT": 130, "SIGTERM": 143}.get(res["interrupted"], 0)
     if env.distributed:
         # plain exits of gloo/NCCL processes sometimes abort in interpreter teardown (docs/ecosystem section 7)
