@@ -290,22 +290,26 @@ def main():
     ck = {name: f"runs/{name}/checkpoint.pt" for name in runs}
 
     # 4b. DPS step size l per model, on the tuning volume at the first test R -----------------------
-    def tune_dps():
+    tune_sub = b.out / "sets" / "tune_dps"
+
+    def dps_scores(name, method, checkpoint) -> dict:
+        """PSNR (A-DPS) of ``method`` with ``checkpoint`` on the tuning slices, per candidate step size l."""
         from ambient_mri.evaluate import run_eval
 
-        scores = {}
-        sub = b.out / "sets" / "tune_dps"
-        if not sub.exists():
+        if not tune_sub.exists():
             first = sorted(tune_set(accels[0]).glob("*.h5"))[0]
-            _subset(first, sub / first.name, S["tune_slices"])
-        for name, method in DPS.items():
-            scores[name] = {}
-            for l in S["l_candidates"]:
-                d = f"tune/{name}_l{l:g}"
-                b.cmd(AMB + ["recon", "--input", sub, "--out", d, "--method", method, "--checkpoint", ck[name],
-                             "--steps", S["dps_steps"], "--step-size", l, "--no-nifti", "--no-png", "-q"],
-                      log=b.out / "tune.log")
-                scores[name][f"{l:g}"] = run_eval([b.out / d], sub, b.out / d / "report")["summary"][0]["psnr_adps"][0]
+            _subset(first, tune_sub / first.name, S["tune_slices"])
+        scores = {}
+        for l in S["l_candidates"]:
+            d = f"tune/{name}_l{l:g}"
+            b.cmd(AMB + ["recon", "--input", tune_sub, "--out", d, "--method", method, "--checkpoint", checkpoint,
+                         "--steps", S["dps_steps"], "--step-size", l, "--no-nifti", "--no-png", "-q"],
+                  log=b.out / "tune.log")
+            scores[f"{l:g}"] = run_eval([b.out / d], tune_sub, b.out / d / "report")["summary"][0]["psnr_adps"][0]
+        return scores
+
+    def tune_dps():
+        scores = {name: dps_scores(name, method, ck[name]) for name, method in DPS.items()}
         return {"step_size": {n: float(max(sc, key=sc.get)) for n, sc in scores.items()}, "scores": scores}
 
     if S["quick"]:  # the smoke test does not tune: one candidate
@@ -352,16 +356,8 @@ def main():
         return {"rounds": state["rounds"], "wall_s": state["done"]["wall_s"]}
 
     def tune_em():
-        from ambient_mri.evaluate import run_eval
-
         last = list(em_ck)[-1]
-        sub, scores = b.out / "sets" / "tune_dps", {}
-        for lc in S["l_candidates"]:
-            d = f"tune/{last}_l{lc:g}"
-            b.cmd(AMB + ["recon", "--input", sub, "--out", d, "--method", "fsdps", "--checkpoint", em_ck[last],
-                         "--steps", S["dps_steps"], "--step-size", lc, "--no-nifti", "--no-png", "-q"],
-                  log=b.out / "tune.log")
-            scores[f"{lc:g}"] = run_eval([b.out / d], sub, b.out / d / "report")["summary"][0]["psnr_adps"][0]
+        scores = dps_scores(last, "fsdps", em_ck[last])
         return {"step_size": float(max(scores, key=scores.get)), "scores": scores}
 
     def em_recon():
@@ -377,7 +373,6 @@ def main():
 
     if em_ck:
         b.stage(f"em_{S['em_rounds']}", em)
-        b.state["em"] = b.state[f"em_{S['em_rounds']}"]
         if S["quick"]:  # the smoke test does not tune
             b.state.setdefault("tune_em", {"step_size": S["l_candidates"][0], "done": True})
         b.stage("tune_em", tune_em)
@@ -581,7 +576,7 @@ def _report(b: Bench, S: dict, args) -> str:
             for r in rows:
                 lines.append(f"| {R} | {r['a']} | {r['b']} | {r['mean']:+.2f} | [{r['lo']:+.2f}, {r['hi']:+.2f}] | {r['n']} |")
         lines.append("")
-    em = st.get("em")
+    em = st.get(f"em_{S['em_rounds']}")  # the EM stage of this many rounds
     if em:
         amb_s = thr.get("ambient", {}).get("wall_s", 0.0)
         lines += ["## EM from the ambient prior (wall time on this machine)", "",
