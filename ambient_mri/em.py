@@ -42,7 +42,7 @@ from .errors import ConfigError, DataError
 from .fsutil import atomic_h5, atomic_path, make_dir, sha256_file, write_json
 from .prepared import load_prepared, read_manifest
 from .recon import DEFAULT_FURTHER, resolve_noise
-from .sampling import DEFAULT_STEPS, nfe, posterior
+from .sampling import DC_CG_ITERS, DEFAULT_STEPS, MMPS_CG_ITERS, nfe, posterior
 from .train import resolve_config, train
 
 STATE = "em.json"
@@ -76,11 +76,12 @@ def e_step(prior, data, out_dir, *, r: int, em, seed: int = 0, device="cpu", pro
     method = em.first_sampler if r == 1 else em.sampler
     steps = em.sampler_steps or DEFAULT_STEPS[method]
     further = DEFAULT_FURTHER.get(method, "independent")
+    cg = {"dc": {"cg_iters": DC_CG_ITERS}, "mmps": {"cg_iters": MMPS_CG_ITERS}}.get(method, {})  # recorded below
     denoiser, meta = load_denoiser(prior, device=device)
     denoiser.requires_grad_(False)
     record = prior_record(prior, meta)
     key = {"manifest_sha256": manifest_sha, "prior_sha256": record["sha256"], "round": r, "sampler": method,
-           "steps": steps, "samples_per_scan": em.samples_per_scan, "batch": em.batch, "seed": seed, "further": further}
+           "steps": steps, "samples_per_scan": em.samples_per_scan, "batch": em.batch, "seed": seed, "further": further, **cg}
     part = out_dir / PARTIAL
     make_dir(part)
     key_file = part / "key.json"
@@ -110,7 +111,7 @@ def e_step(prior, data, out_dir, *, r: int, em, seed: int = 0, device="cpu", pro
                              torch.from_numpy(np.asarray(scan.mask[sl])).float().to(device),
                              samples=K, seed=derived_seed("em-estep", seed, r, fi, b), steps=steps,
                              noise_std=torch.as_tensor(noise[sl], dtype=torch.float32, device=device),
-                             further=further)
+                             further=further, **cg)
             chunks.append(post.samples.transpose(0, 1).cpu().numpy())  # (B, K, H, W)
             bar.update(sl.stop - sl.start)
         with atomic_path(done, ".npz.tmp") as tmp, open(tmp, "wb") as fh:
@@ -127,8 +128,8 @@ def e_step(prior, data, out_dir, *, r: int, em, seed: int = 0, device="cpu", pro
     if not np.isfinite(images.view(np.float32)).all():
         raise DataError(f"the E-step drew non-finite samples (sampler {method}); try em.sampler: dc", out_dir)
     previous = meta["training"].get("em") or {}
-    this = dict(record, round=r, sampler=method, steps=steps, further=further, samples_per_scan=K, slices=len(images) // K,
-                nfe_per_sample=nfe(method, steps), estep_s=round(seconds, 2))
+    this = dict(record, round=r, sampler=method, steps=steps, further=further, **cg, samples_per_scan=K,
+                slices=len(images) // K, nfe_per_sample=nfe(method, steps, **cg), estep_s=round(seconds, 2))
     lineage = {"manifest_sha256": manifest_sha, "round": r, "ambient": previous.get("ambient", record),
                "rounds": list(previous.get("rounds", [])) + [this]}
     with atomic_h5(target) as f:

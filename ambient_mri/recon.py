@@ -45,7 +45,7 @@ from .fsutil import atomic_h5, atomic_path, claim, make_dir, write_json
 from .operators import InpaintOp, SenseOp
 from .prep import PrepOptions, prepare_volume, whitening_note
 from .prepared import UNITS_ATTR, UNITS_RAW, Scan, check_noise_std, is_prepared, load_prepared
-from .sampling import DEFAULT_STEPS, FURTHER, NOISE_AWARE, nfe, posterior
+from .sampling import DC_CG_ITERS, DEFAULT_STEPS, FURTHER, NOISE_AWARE, nfe, posterior
 from .sampling import METHODS as MODEL_METHODS
 ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with a clean-trained prior (oracle, naive, EM); adps refuses an oracle
 # how M~ is drawn by default: inside the test mask for our DC sampler (+0.7 dB at R 4, +0.8 dB at R 8 on the
@@ -406,8 +406,8 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     kwargs = {}
     if step_size is not None:
         kwargs["step_size"] = step_size
-    if cg_iters is not None:
-        kwargs["cg_iters"] = cg_iters
+    if cg_iters is not None or method == "dc":  # dc's default is written into the outputs' options
+        kwargs["cg_iters"] = DC_CG_ITERS if cg_iters is None else cg_iters
     if churn is not None:
         kwargs["churn"] = churn
     allowed = {"adps": {"step_size"}, "fsdps": {"step_size"}, "adps-noise": {"step_size"},

@@ -34,6 +34,7 @@ from .errors import AmbientMRIError, ConfigError
 from .fsutil import atomic_path, make_dir, sha256_file, write_json
 from .operators import InpaintOp, SenseOp, conjugate_gradient
 
+DC_CG_ITERS = 20  # chosen on the demo and SIAT validation splits (docs/recon.md); 5 until 2026-12-06
 METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise", "mmps")
 MMPS_CG_ITERS = 5  # mmps.mmps's default
 FURTHER = ("independent", "within")  # how M~ is drawn: from the training distribution, or inside the test mask
@@ -252,13 +253,14 @@ def dc_weight(sigma, noise_var: torch.Tensor | None, sigma_data: float = 0.5, er
 
 
 def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int = 25, sigma_min: float = 0.004,
-               sigma_max: float = 10.0, rho: float = 7.0, cg_iters: int = 5, lam: float | None = None,
+               sigma_max: float = 10.0, rho: float = 7.0, cg_iters: int = DC_CG_ITERS, lam: float | None = None,
                noise_std=None, error_var: str = "residual", churn: float = 0.0, heun: bool = True,
                generator=None) -> torch.Tensor:
     """Ours: EDM Heun with data consistency by a few CG steps instead of back-propagation (DDS-style).
 
     Each evaluation replaces the denoised estimate ``D`` by ``D_dc = argmin ||A v - y||^2 + mu ||v - D||^2``,
-    approximately (``cg_iters`` CG steps started at ``D``), then takes the Heun step with
+    approximately (``cg_iters`` CG steps started at ``D``; the default 20 was chosen on validation data, 5 left the
+    step unconverged: docs/recon.md), then takes the Heun step with
     ``d = (x - D_dc) / sigma``. ``mu``: ``lam`` if given (fixed), else :func:`dc_weight` — ``s^2 / v_t``
     with ``noise_std = s`` (a float or ``(B,)``; 0 = exact projection) and ``v_t`` from ``error_var``:
     ``residual`` (:func:`residual_error_variance`, default) or ``ideal`` (:func:`error_variance`); or the

@@ -98,10 +98,11 @@ def test_the_posterior_ode_with_the_exact_posterior_denoiser_samples_the_exact_p
 
 
 def test_dc_noise_aware_with_the_oracle_denoiser():
-    """Averaged over 12 scans (problem seeds 1-3, 4 scans each; s = 0.05, K = 64, 25 Heun steps), measured
-    2026-12-05: noise-aware DC bias 1.93 (residual ``v_t``) / 2.03 (ideal ``v_t``), spread 3.3 / 3.7 (too wide:
-    the isotropic ``v_t`` underweights the prior where it is sharp); the legacy weight ``sigma^2`` (noise
-    ignored) has bias 4.64, spread 1.26: it fits the noise. One scan's bias ranges 1.0-2.9, and which draw a seed gives
+    """Averaged over 12 scans (problem seeds 1-3, 4 scans each; s = 0.05, K = 64, 25 Heun steps, the default 20
+    CG steps), measured 2026-12-06: noise-aware DC bias 1.51 (residual ``v_t``) / 1.54 (ideal ``v_t``), spread
+    2.6 / 2.8 (too wide: the isotropic ``v_t`` underweights the prior where it is sharp); the legacy weight
+    ``sigma^2`` (noise ignored) has bias 23.0, spread 0.25: it fits the noise. (With 5 CG steps, the default
+    until 2026-12-06: 1.93 / 2.03, spread 3.3 / 3.7; legacy 4.64, 1.26.) One scan's bias ranges 1.0-2.9, and which draw a seed gives
     moved with the numpy/LAPACK build (scan 0 of seed 1 gave 0.70 on 2026-12-01, 1.00 on 2026-12-05), so the
     test averages over scans instead of pinning one."""
     res = {"residual": [], "ideal": [], "legacy": []}
@@ -116,7 +117,7 @@ def test_dc_noise_aware_with_the_oracle_denoiser():
     print({k: tuple(round(float(v), 3) for v in m) for k, m in mean.items()})
     for name in ("residual", "ideal"):
         bias, spread = mean[name]
-        assert bias < 2.6 and 1.0 < spread < 4.7, (name, bias, spread)
+        assert bias < 2.0 and 1.0 < spread < 3.6, (name, bias, spread)
         assert bias < 0.6 * mean["legacy"][0], (name, bias, mean["legacy"][0])
 
 
@@ -136,8 +137,9 @@ def test_dc_with_a_clean_prior_on_data_that_do_not_fit_the_model():
     """Model mismatch: ``y`` from coil maps shifted by 0.1 of the field of view, the reconstruction with the
     model's maps. Noise-aware DC with the oracle prior stays within a small factor of the (assumed-model)
     exact posterior mean, far better than CG-SENSE, and better than the legacy (noise-ignoring) weight.
-    Measured (4 scans, mean of 8 samples, squared error summed over pixels): posterior mean 1.8, DC
-    residual 6.1, DC ideal 4.0, legacy DC 8.5, CG-SENSE 20.3 (unregularised) and 8.4 (lam = 0.01)."""
+    Measured 2026-12-06 (4 scans, mean of 8 samples, squared error summed over pixels, 20 CG steps): posterior
+    mean 1.51, DC residual 6.66, DC ideal 3.91, legacy DC 26.0, CG-SENSE 16.3 (unregularised) and 7.95
+    (lam = 0.01). (With 5 CG steps: DC residual 6.1, ideal 4.0, legacy 8.5.)"""
     p = Problem(s=0.02, seed=2, scans=4, data_maps=smooth_maps(N, 4, shift=0.1))
 
     def err(x):
@@ -150,8 +152,8 @@ def test_dc_with_a_clean_prior_on_data_that_do_not_fit_the_model():
     dc = {name: err(p.run("dc", D, K=8, steps=25, **kw).mean(0)) for name, kw in
           (("residual", dict(noise_std=p.s)), ("ideal", dict(noise_std=p.s, error_var="ideal")), ("legacy", {}))}
     print(post, sense, sense_reg, dc)
-    assert dc["ideal"] < 3 * post and dc["residual"] < 5 * post
-    assert max(dc["ideal"], dc["residual"]) < 0.35 * sense
+    assert dc["ideal"] < 3.5 * post and dc["residual"] < 6 * post
+    assert max(dc["ideal"], dc["residual"]) < 0.55 * sense
     assert max(dc["ideal"], dc["residual"]) < 0.85 * sense_reg
     assert max(dc["ideal"], dc["residual"]) < 0.8 * dc["legacy"]
 
@@ -175,14 +177,15 @@ def test_dps_variants_with_the_oracle_denoiser(prob):
 @pytest.mark.slow
 def test_ambient_denoiser_in_dc_and_adps(prob):
     """The exact ambient denoiser ``E[x0 | A~ x_t, A~]`` in DC (M~ independent of or inside the test mask)
-    and in A-DPS (published and noise-aware). Measured (K = 32): DC bias 1.97 independent, 1.91 within
-    (spread 12.5, 8.9: the ambient denoiser's error does not vanish as sigma -> 0, it saw only M~);
-    A-DPS (60 steps) 14.3 published (l = 0.1), 3.4 noise-aware."""
+    and in A-DPS (published and noise-aware). Measured 2026-12-06 (K = 32): DC bias 1.37 independent, 1.43
+    within (spread 9.3, 6.0: the ambient denoiser's error does not vanish as sigma -> 0, it saw only M~; with
+    5 CG steps 1.97 / 1.91, spread 12.5 / 8.9); A-DPS (60 steps) 16.5 published (l = 0.1), 4.3 noise-aware
+    (14.3 / 3.4 on 2026-12-01; the same code, another numpy/LAPACK build)."""
     D = AmbientDenoiser(prob.model)
     dc_ind = prob.stats(prob.run("dc", D, AMBIENT, K=32, steps=25, noise_std=prob.s))
     dc_in = prob.stats(prob.run("dc", D, AMBIENT, K=32, steps=25, noise_std=prob.s, further="within"))
     adps = prob.stats(prob.run("adps", D, AMBIENT, K=32, steps=60, step_size=0.1))
     adps_n = prob.stats(prob.run("adps-noise", D, AMBIENT, K=32, steps=60, noise_std=prob.s))
     print(dc_ind, dc_in, adps, adps_n)
-    assert dc_ind[0] < 2.6 and dc_in[0] < 2.6
+    assert dc_ind[0] < 1.9 and dc_in[0] < 1.9
     assert adps_n[0] < 4.5 and adps[0] < 19 and adps_n[0] < 0.5 * adps[0]

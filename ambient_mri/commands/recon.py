@@ -33,7 +33,7 @@ from ..recon import METHODS, run_recon
               help="Prepared VALIDATION folder on which to choose the L1 weight (recorded in the outputs).")
 @click.option("--tune-slices", default=8, show_default=True, help="Validation slices used by --tune-on.")
 @click.option("--step-size", type=float, help="A-DPS/FS-DPS normalised step l (published: 1).")
-@click.option("--cg-iters", type=int, help="dc and mmps: CG iterations per evaluation (default 5).")
+@click.option("--cg-iters", type=int, help="CG iterations per evaluation (default: 20 for dc, 5 for mmps).")
 @click.option("--churn", type=float, help="dc: EDM stochastic churn (default 0: deterministic given the seed).")
 @click.option("--noise-std", type=float,
               help="Noise std of one k-space sample of one coil in prepared units (E|n|^2 = s^2) for dc, adps-noise "
