@@ -339,6 +339,16 @@ def main():
                                  label + ("+true maps" if v else ""), "--no-nifti", "--no-png", "-q", *extra], log=log)
 
     b.stage("recon", recon)
+    mmps_args = ["--steps", S["mmps_steps"], "--cg-iters", S["mmps_cg"]]
+
+    def recon_mmps():  # MMPS (issue 12) for the clean-trained priors; the EM priors get theirs in em_recon
+        for R in accels:
+            for model in ("oracle", "naive"):
+                b.cmd(AMB + ["recon", "--input", eval_set(R), "--out", b.out / "rec" / tag(R) / f"{model}-mmps",
+                             "--method", "mmps", "--label", f"{model}-mmps", "--checkpoint", ck[model], "--no-nifti",
+                             "--no-png", "-q", *mmps_args], log=b.out / "recon.log")
+
+    b.stage("recon_mmps", recon_mmps)
 
     # 5b. EM from the ambient prior (issue 12): rounds, then each round's prior on the same eval slices -----
     em_ck = {f"em{r}": f"runs/em/round_{r}/checkpoint.pt" for r in range(1, S["em_rounds"] + 1)}
@@ -365,7 +375,7 @@ def main():
         for R in accels:
             jobs = [(f"{name}-dc", "dc", ["--steps", S["dc_steps"]]) for name in em_ck]
             jobs += [(f"{last}-fsdps", "fsdps", ["--steps", S["dps_steps"], "--step-size", b.state["tune_em"]["step_size"]]),
-                     (f"{last}-mmps", "mmps", ["--steps", S["mmps_steps"], "--cg-iters", S["mmps_cg"]])]
+                     (f"{last}-mmps", "mmps", mmps_args)]
             for label, method, extra in jobs:
                 dest = b.out / "rec" / tag(R) / label
                 b.cmd(AMB + ["recon", "--input", eval_set(R), "--out", dest, "--method", method, "--label", label,
@@ -424,13 +434,15 @@ def _paired(report: Path) -> list[dict]:
     score = {k: np.array([v[s] for s in keys]) for k, v in per.items() if set(v) == set(keys)}
     best = lambda labels: max((x for x in labels if x in score), key=lambda x: score[x].mean())  # noqa: E731
     amb = best(["aos", "dc", "adps"])
-    pairs = [(amb, "l1"), (amb, best(["naive-dc", "naive-dps"])), (amb, best(["oracle-dc", "fsdps"]))]
+    naive, oracle = best(["naive-dc", "naive-dps", "naive-mmps"]), best(["oracle-dc", "fsdps", "oracle-mmps"])
+    pairs = [(amb, "l1"), (amb, naive), (amb, oracle)]
     pairs += [(x, "l1") for x in ("aos", "dc", "adps") if x in score and x != amb]
     rounds = sorted({x.split("-")[0] for x in score if x.startswith("em")})
     if rounds:  # EM (issue 12): the last round's best sampler against the oracle's best and the ambient start's best
         em_best = best([x for x in score if x.startswith(rounds[-1] + "-")])
-        pairs += [(em_best, best(["oracle-dc", "fsdps"])), (em_best, amb), (em_best, "l1")]
+        pairs += [(em_best, oracle), (em_best, amb), (em_best, "l1")]
         pairs += [(f"{r}-dc", "dc") for r in rounds if f"{r}-dc" in score]
+    pairs = list(dict.fromkeys(pairs))  # the last EM round's best sampler can be its DC row, listed already
     return [dict(paired_difference(score[a], score[c]), a=a, b=c) for a, c in pairs]
 
 
