@@ -81,7 +81,8 @@ def e_step(prior, data, out_dir, *, r: int, em, seed: int = 0, device="cpu", pro
     denoiser.requires_grad_(False)
     record = prior_record(prior, meta)
     key = {"manifest_sha256": manifest_sha, "prior_sha256": record["sha256"], "round": r, "sampler": method,
-           "steps": steps, "samples_per_scan": em.samples_per_scan, "batch": em.batch, "seed": seed, "further": further, **cg}
+           "steps": steps, "samples_per_scan": em.samples_per_scan, "batch": em.batch, "seed": seed, "further": further,
+           **cg}
     part = out_dir / PARTIAL
     make_dir(part)
     key_file = part / "key.json"

@@ -291,7 +291,8 @@ class GaussianEM:
                 X = self.e_step(S, sampler, rng, 100 * r)
                 S = X.T @ X.conj() / len(X)
                 S = (S + S.conj().T) / 2
-            out.append({"mse": self.recon_mse(S) / self.bayes, "cov_err": float(np.linalg.norm(S - T) / np.linalg.norm(T)),
+            out.append({"mse": self.recon_mse(S) / self.bayes,
+                        "cov_err": float(np.linalg.norm(S - T) / np.linalg.norm(T)),
                         "trace": float(np.trace(S).real / np.trace(T).real)})
         return out
 
