@@ -100,6 +100,13 @@ def synthetic_prepared(root: Path, slices: int, size: int, coils: int, accel: fl
     return root
 
 
+def _model(cfg) -> dict:
+    """The config's model section for building a network here: ``sigma_view: null`` (estimated by the trainer from
+    the data) becomes 0, which changes neither the parameter count nor the cost of a step."""
+    m = cfg.to_dict()["model"]
+    return dict(m, sigma_view=m.get("sigma_view") or 0.0)
+
+
 def trainer_throughput(config, data, overrides, steps, warmup, seed):
     from ambient_mri.config import load_config
     from ambient_mri.train import train
@@ -160,7 +167,7 @@ def bare_throughput(cfg, data, net_kind, steps, warmup, seed):
     torch.manual_seed(seed)
     m = cfg.model
     if net_kind == "ours":
-        den = build_denoiser(cfg.to_dict()["model"])
+        den = build_denoiser(_model(cfg))
     else:
         den = EDMDenoiser(MonaiNet.build(2 + len(m.cond), m.channels, m.groups), sigma_data=m.sigma_data, cond=m.cond)
     opt = torch.optim.Adam(den.parameters(), lr=cfg.train.lr)
@@ -204,7 +211,7 @@ def step_memory(config, overrides, H, W, coils, amp: bool, seed: int = 0):
 
     cfg = load_config(config, overrides)
     torch.manual_seed(seed)
-    den = build_denoiser(cfg.to_dict()["model"])
+    den = build_denoiser(_model(cfg))
     if amp:
         autocast_hooks(den.net, "cpu", torch.bfloat16)
     params = sum(p.numel() for p in den.parameters())
@@ -286,7 +293,7 @@ def main(argv=None):
         cfg = load_config(args.config, args.overrides)
         from ambient_mri.networks import build_denoiser
 
-        n_ours = sum(p.numel() for p in build_denoiser(cfg.to_dict()["model"]).parameters())
+        n_ours = sum(p.numel() for p in build_denoiser(_model(cfg)).parameters())
         print(f"config {args.config} {' '.join(args.overrides)}: model.channels={cfg.model.channels} "
               f"blocks={cfg.model.blocks} attention={cfg.model.attention}, {n_ours:,} parameters, "
               f"batch {cfg.train.batch}, seed {args.seed}")

@@ -21,7 +21,7 @@ def test_siat_benchmark_quick(shared_data, tmp_path):
     for needle in ("QUICK", "## Test R8\n", "## Test R12\n", "## Test R8, true coil maps", "| adps | 8 |",
                    "| fsdps | 12 |", "| naive-dps | 8 |", "| oracle-dc | 12 |", "| dc+true maps | 8 |", "| l1 | 8 |",
                    "## Paired differences", "## Prior samples", "| oracle |",
-                   "| em1-dc | 8 |", "| em1-fsdps | 12 |", "| em1-mmps | 8 |", "## EM from the ambient prior", "| em1 |"):
+                   "| em1-dc | 8 |", "| em1-fsdps | 12 |", "| em1-mmps | 8 |", "| oracle-mmps | 12 |", "| naive-mmps | 8 |", "## EM from the ambient prior", "| em1 |"):
         assert needle in report, needle
     # every method scored on the same slices, and a paired row for the best ambient sampler against L1
     rows = [line.split("|") for line in report.splitlines() if line.startswith("| ") and "true maps" not in line]
@@ -30,3 +30,14 @@ def test_siat_benchmark_quick(shared_data, tmp_path):
     assert any(line.startswith("| R8 |") and "| l1 |" in line for line in report.splitlines())
     assert (out / "report" / "prior_samples.png").stat().st_size > 0
     assert "ambient-mri train --config cpu64" in (out / "commands.log").read_text()
+
+
+def test_train_throughput_runs(tmp_path):
+    """benchmarks/train_throughput.py on its synthetic data with a config whose ``sigma_view`` is estimated (null):
+    it measured nothing when that broke, and no other test runs it."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "train_throughput.py"), "--steps", "2", "--warmup", "1",
+                        "--slices", "8", "--size", "32", "--threads", "1"], capture_output=True, text=True, env=env,
+                       timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "trainer:" in r.stdout and "images/s" in r.stdout
