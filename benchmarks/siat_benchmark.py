@@ -318,8 +318,13 @@ def main():
     l = b.state["tune_dps"]["step_size"]
 
     # 5. recon: every method on the same eval slices -----------------------------------------------
+    def recon_job(R, label, method, extra, variant=""):
+        """One ``ambient-mri recon`` of the eval slices at ``R`` into ``rec/<R><variant>/<label>``."""
+        b.cmd(AMB + ["recon", "--input", eval_set(R, variant), "--out", b.out / "rec" / f"{tag(R)}{variant}" / label,
+                     "--method", method, "--label", label + ("+true maps" if variant else ""), "--no-nifti", "--no-png",
+                     "-q", *extra], log=b.out / "recon.log")
+
     def recon():
-        log = b.out / "recon.log"
         for R in accels:
             jobs = [("zf", "zf", []), ("sense", "sense", []), ("l1", "l1", ["--lam", lam[tag(R)]])]
             for label, method, model in LEARNED:
@@ -334,9 +339,7 @@ def main():
                 variants.append(("_truemaps", [j for j in jobs if j[0] in ("l1", "dc", "oracle-dc")]))
             for v, js in variants:
                 for label, method, extra in js:
-                    dest = b.out / "rec" / f"{tag(R)}{v}" / label
-                    b.cmd(AMB + ["recon", "--input", eval_set(R, v), "--out", dest, "--method", method, "--label",
-                                 label + ("+true maps" if v else ""), "--no-nifti", "--no-png", "-q", *extra], log=log)
+                    recon_job(R, label, method, extra, v)
 
     b.stage("recon", recon)
     mmps_args = ["--steps", S["mmps_steps"], "--cg-iters", S["mmps_cg"]]
@@ -344,9 +347,7 @@ def main():
     def recon_mmps():  # MMPS (issue 12) for the clean-trained priors; the EM priors get theirs in em_recon
         for R in accels:
             for model in ("oracle", "naive"):
-                b.cmd(AMB + ["recon", "--input", eval_set(R), "--out", b.out / "rec" / tag(R) / f"{model}-mmps",
-                             "--method", "mmps", "--label", f"{model}-mmps", "--checkpoint", ck[model], "--no-nifti",
-                             "--no-png", "-q", *mmps_args], log=b.out / "recon.log")
+                recon_job(R, f"{model}-mmps", "mmps", ["--checkpoint", ck[model], *mmps_args])
 
     b.stage("recon_mmps", recon_mmps)
 
@@ -371,15 +372,13 @@ def main():
         return {"step_size": float(max(scores, key=scores.get)), "scores": scores}
 
     def em_recon():
-        log, last = b.out / "recon.log", list(em_ck)[-1]
+        last = list(em_ck)[-1]
         for R in accels:
             jobs = [(f"{name}-dc", "dc", ["--steps", S["dc_steps"]]) for name in em_ck]
             jobs += [(f"{last}-fsdps", "fsdps", ["--steps", S["dps_steps"], "--step-size", b.state["tune_em"]["step_size"]]),
                      (f"{last}-mmps", "mmps", mmps_args)]
             for label, method, extra in jobs:
-                dest = b.out / "rec" / tag(R) / label
-                b.cmd(AMB + ["recon", "--input", eval_set(R), "--out", dest, "--method", method, "--label", label,
-                             "--checkpoint", em_ck[label.split("-")[0]], "--no-nifti", "--no-png", "-q", *extra], log=log)
+                recon_job(R, label, method, ["--checkpoint", em_ck[label.split("-")[0]], *extra])
 
     if em_ck:
         b.stage(f"em_{S['em_rounds']}", em)

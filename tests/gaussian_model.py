@@ -21,7 +21,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ambient_mri import masks
 from ambient_mri.fft import fft2c
+
+
+def psd_root(S: np.ndarray) -> np.ndarray:
+    """``R`` with ``R R^H = S`` for a Hermitian positive semi-definite ``S`` (eigenvalues clipped at 0)."""
+    w, V = np.linalg.eigh(S)
+    return V * np.sqrt(np.clip(w, 0, None))[None, :]
 
 
 def fft_matrix(N: int) -> np.ndarray:
@@ -80,8 +87,7 @@ class GaussianModel:
         self.N, self.n = N, N * N
         self.Sigma = prior_covariance(N, **prior_kw)
         self.maps = smooth_maps(N, C)
-        w, V = np.linalg.eigh(self.Sigma)
-        self.root = V * np.sqrt(np.clip(w, 0, None))[None, :]  # Sigma = root root^H
+        self.root = psd_root(self.Sigma)  # Sigma = root root^H
         self.rng = np.random.default_rng(seed)
 
     def draw(self, b: int) -> np.ndarray:
@@ -231,9 +237,7 @@ def with_prior(model: GaussianModel, Sigma: np.ndarray) -> GaussianModel:
     """A copy of ``model`` (same maps) whose prior covariance is ``Sigma``."""
     m = GaussianModel.__new__(GaussianModel)
     m.N, m.n, m.maps, m.rng = model.N, model.n, model.maps, model.rng
-    m.Sigma = Sigma
-    w, V = np.linalg.eigh(Sigma)
-    m.root = V * np.sqrt(np.clip(w, 0, None))[None, :]
+    m.Sigma, m.root = Sigma, psd_root(Sigma)
     return m
 
 
@@ -250,7 +254,7 @@ class GaussianEM:
                  seed: int = 0):
         self.truth = GaussianModel(N, C=C, seed=seed)
         self.s, self.per = s, per
-        self.masks = [masks_poisson(N, accel, j) for j in range(groups)]
+        self.masks = [masks.poisson_disc((N, N), accel, calib=(2, 2), seed=j).mask for j in range(groups)]
         self.y = [self.truth.measure(self.truth.draw(per), m, s) for m in self.masks]
         self.x_test = self.truth.draw(128)
         self.y_test = [self.truth.measure(self.x_test, m, s) for m in self.masks[:2]]
@@ -269,9 +273,8 @@ class GaussianEM:
         for j, (y, mk) in enumerate(zip(self.y, self.masks)):
             if sampler == "exact":
                 mu, cov = m.posterior(y, mk, self.s)
-                w, V = np.linalg.eigh(cov)
                 z = (rng.standard_normal((m.n, self.per)) + 1j * rng.standard_normal((m.n, self.per))) / np.sqrt(2)
-                out.append(mu.reshape(self.per, -1) + ((V * np.sqrt(np.clip(w, 0, None))[None]) @ z).T)
+                out.append(mu.reshape(self.per, -1) + (psd_root(cov) @ z).T)
             else:
                 method, kw = sampler
                 maps = torch.from_numpy(np.repeat(m.maps[None], self.per, 0).astype(np.complex64))
@@ -296,8 +299,3 @@ class GaussianEM:
                         "trace": float(np.trace(S).real / np.trace(T).real)})
         return out
 
-
-def masks_poisson(N: int, accel: float, seed: int) -> np.ndarray:
-    from ambient_mri import masks
-
-    return masks.poisson_disc((N, N), accel, calib=(2, 2), seed=seed).mask
