@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .fft import to_channels, to_complex
 
 COND_CHANNELS = ("mask", "ones")
@@ -202,6 +203,9 @@ class EDMDenoiser(nn.Module):
 def build_denoiser(cfg: dict) -> EDMDenoiser:
     """Build from a config's ``model`` section: ``channels``, ``blocks``, ``attention``, ``dropout``,
     ``groups``, ``sigma_data``, ``cond``, ``sigma_view``."""
+    if cfg.get("sigma_view", 0.0) is None:
+        raise ConfigError("model.sigma_view is null (estimate it from the training data first, as "
+                          "`ambient-mri train` does, or give a number)")
     cond = tuple(cfg.get("cond", ("mask",)))
     net = UNet(in_channels=2 + len(cond), out_channels=2, channels=tuple(cfg.get("channels", (32, 64, 64))),
                blocks=int(cfg.get("blocks", 1)), attention=tuple(cfg.get("attention", ())),

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from ambient_mri.errors import ConfigError
 from ambient_mri.losses import edm_weight, loss_weight
 from ambient_mri.networks import EDMDenoiser, UNet, build_denoiser
 
@@ -52,6 +53,11 @@ def test_unet_is_size_agnostic_and_starts_as_identity_skip(shape):
     # the last convolution starts at zero: D = c_skip x until trained
     c_skip = 0.25 / (torch.tensor([0.5, 1.0]) ** 2 + 0.25)
     assert torch.allclose(out, c_skip[:, None, None] * x, atol=1e-6)
+
+
+def test_build_denoiser_refuses_an_unestimated_sigma_view():
+    with pytest.raises(ConfigError, match="sigma_view is null"):
+        build_denoiser({"channels": [8, 8], "groups": 4, "sigma_view": None})
 
 
 def test_unet_learns_and_rejects_bad_cond():
