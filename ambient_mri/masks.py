@@ -22,7 +22,7 @@ import torch
 from .errors import ConfigError
 
 LINE_KINDS = ("random", "adps", "equispaced", "gaussian")
-KSPACE_KINDS = LINE_KINDS + ("poisson", "sigpy-poisson")
+KSPACE_KINDS = LINE_KINDS + ("poisson", "sigpy-poisson", "random-2d")
 IMAGE_KINDS = ("pixels", "box")
 
 
@@ -242,6 +242,41 @@ def poisson_disc(shape: tuple[int, int], accel: float, *, calib: tuple[int, int]
     return SamplingMask(m.reshape(H, W), tuple(calib), seed, "poisson")
 
 
+def random_points(shape: tuple[int, int], accel: float, *, calib: tuple[int, int] = (8, 8), seed: int = 0,
+                  density_slope: float = 2.0) -> SamplingMask:
+    """2-D variable-density *random* mask: every point drawn independently, ``floor(H W / R)`` samples.
+
+    Point ``k`` outside the ``calib`` block is kept with probability ``p(k) = min(1, c / (1 + density_slope r)^2)``
+    (``r`` as in :func:`poisson_disc`, whose spacing law gives the same density), ``c`` set by bisection so that
+    the expected count is the target; the few points the draw misses or exceeds it by are then added or removed
+    at random. Unlike a Poisson disc, a point's neighbours say nothing about it, so points that the ambient further
+    mask removes look like points never acquired (the identifiability condition, docs/theory.md).
+    """
+    H, W = _check_shape(shape)
+    if not all(0 <= c <= n for c, n in zip(calib, (H, W))):
+        raise ConfigError(f"calibration block {tuple(calib)} does not fit a {H} x {W} matrix")
+    _check(accel, H * W, calib[0] * calib[1])
+    _check_seed(seed)
+    target = int(math.floor(H * W / accel))
+    cal = acs_region((H, W), calib).ravel()
+    yy, xx = np.meshgrid(np.arange(H) - H // 2, np.arange(W) - W // 2, indexing="ij")
+    r = np.sqrt((yy / max(H / 2, 1)) ** 2 + (xx / max(W / 2, 1)) ** 2) / math.sqrt(2)
+    weight = (1 + density_slope * r).ravel() ** -2.0
+    need = target - cal.sum()
+    lo, hi = 0.0, 1.0 / weight.min()
+    for _ in range(60):  # expected count sum(min(1, c w)) over the outer points is increasing in c
+        c = 0.5 * (lo + hi)
+        lo, hi = (c, hi) if np.minimum(1.0, c * weight[~cal]).sum() < need else (lo, c)
+    rng = np.random.default_rng(seed)
+    m = cal | (rng.uniform(size=H * W) < np.minimum(1.0, hi * weight))
+    free = np.flatnonzero(m & ~cal)
+    if m.sum() > target:  # never from the calibration block, which wins when it alone exceeds the target
+        m[rng.choice(free, min(m.sum() - target, free.size), replace=False)] = False
+    elif m.sum() < target:
+        m[rng.choice(np.flatnonzero(~m), target - m.sum(), replace=False)] = True
+    return SamplingMask(m.reshape(H, W), tuple(calib), seed, "random-2d")
+
+
 def _dart_throw(order, radius, H, W, calib):
     return _dart_throw_impl()(order, radius, H, W, calib)
 
@@ -374,7 +409,7 @@ def kspace_mask(kind: str, shape: tuple[int, int], accel: float, *, center: int 
 
     ``center``: number of ACS lines (line masks) or the side of the square calibration block (2-D);
     defaults: ``W / 16`` lines for ``adps``/``gaussian`` (A-DPS's 20 of 320), fastMRI's 8 % for ``random``/
-    ``equispaced``, 8 x 8 for Poisson-disc masks.
+    ``equispaced``, 8 x 8 for the 2-D masks.
     """
     H, W = shape
     if kind == "random":
@@ -385,9 +420,9 @@ def kspace_mask(kind: str, shape: tuple[int, int], accel: float, *, center: int 
         n = center if center is not None else max(2, round(W / 16))
         fn = adps_lines if kind == "adps" else gaussian_lines
         return fn(W, accel, center_lines=n, seed=seed)
-    if kind in ("poisson", "sigpy-poisson"):
+    if kind in ("poisson", "sigpy-poisson", "random-2d"):
         c = center if center is not None else 8
-        fn = poisson_disc if kind == "poisson" else sigpy_poisson
+        fn = {"poisson": poisson_disc, "sigpy-poisson": sigpy_poisson, "random-2d": random_points}[kind]
         return fn((H, W), accel, calib=(min(c, H), min(c, W)), seed=seed)
     raise ConfigError(f"unknown mask type {kind!r} (choose from {', '.join(KSPACE_KINDS)})")
 

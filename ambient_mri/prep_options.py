@@ -20,7 +20,7 @@ from .prepared import DOMAINS, SPLITS
 
 REFERENCE_KINDS = ("cg-sense", "rss")
 CORRUPTIONS = ("box", "pixels")
-MASK_TYPES = ("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson")  # == masks.KSPACE_KINDS
+MASK_TYPES = ("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson", "random-2d")  # == masks.KSPACE_KINDS
 IMAGE_DOMAIN_CALIB = 24  # A-DPS's 24 x 24 training calibration block
 _MAX_SEED = 2**31 - 2**20  # room for sigpy-poisson's seed + 1000 k retries below 2**31
 

@@ -156,7 +156,7 @@ def test_further_removes_at_least_one_line():
     assert int(sm.mask.sum() - f.sum()) == 1
 
 
-@pytest.mark.parametrize("kind", ["adps", "gaussian", "random", "equispaced", "poisson"])
+@pytest.mark.parametrize("kind", ["adps", "gaussian", "random", "equispaced", "poisson", "random-2d"])
 def test_seed_reproducible_and_reports_acceleration(kind):
     a = M.kspace_mask(kind, (64, 64), 4, seed=3)
     b = M.kspace_mask(kind, (64, 64), 4, seed=3)
@@ -186,6 +186,57 @@ def test_poisson_disc_exact_bounded_and_variable_density(R):
     yy, xx = np.mgrid[:64, :64] - 32
     r = np.hypot(yy, xx)
     assert pd.mask[(r > 6) & (r < 16)].mean() > pd.mask[r > 24].mean()
+
+
+def test_random_2d_exact_count_density_law_and_independence():
+    ms = np.stack([M.random_points((64, 64), 4, calib=(8, 8), seed=s).mask for s in range(200)])
+    assert np.all(ms.sum((1, 2)) == 1024) and ms[:, 28:36, 28:36].all()
+    # the density law p ~ (1 + 2 r)^-2 outside the calibration block, r as in poisson_disc
+    yy, xx = np.mgrid[:64, :64] - 32
+    r = np.hypot(yy / 32, xx / 32) / math.sqrt(2)
+    freq, outer = ms.mean(0), ~M.acs_region((64, 64), (8, 8))
+    law = (1 + 2 * r) ** -2.0
+    ratio = freq[outer] / law[outer]
+    assert ratio.std() / ratio.mean() < 0.15
+    # independence: a point's neighbour being sampled does not change its own chance (a Poisson disc's does)
+    same = (ms[:, :, 1:] & ms[:, :, :-1])[:, outer[:, 1:] & outer[:, :-1]].mean()
+    alone = (freq[:, 1:] * freq[:, :-1])[outer[:, 1:] & outer[:, :-1]].mean()
+    assert same == pytest.approx(alone, rel=0.05)
+
+
+def removed_vs_never_auc(draw, R, R_further, n=30):
+    """AUC (midranks) with which the distance to the nearest point of ``M~`` tells the points that the further
+    mask removed from points never acquired; 0.5 is chance. ``draw(R, seed)`` gives a uniform-density mask, so
+    that where a point lies says nothing (with variable density, location alone would shift the AUC)."""
+    from scipy.ndimage import distance_transform_edt
+    from scipy.stats import rankdata
+
+    removed, never = [], []
+    for seed in range(n):
+        sm = draw(R, seed)
+        g = torch.Generator().manual_seed(seed)
+        f = M.further_kspace_mask(torch.from_numpy(sm.mask[None]), sm.acs, further_accel=R_further,
+                                  generator=g)[0].numpy()
+        d = distance_transform_edt(~f)
+        removed.append(d[sm.mask & ~f])
+        never.append(d[~sm.mask])
+    a, b = np.concatenate(removed), np.concatenate(never)
+    ranks = rankdata(np.concatenate([a, b]))
+    return (ranks[: a.size].sum() - a.size * (a.size + 1) / 2) / (a.size * b.size)
+
+
+def test_identifiability_poisson_disc_holes_are_visible_random_2d_are_not():
+    """Issue 10's measurement as a test: removing points from a Poisson disc leaves holes that tell removed
+    points from never-acquired ones; a mask of independent points gives them away at chance only."""
+    def disc(R, seed):
+        return M.poisson_disc((64, 64), R, calib=(8, 8), seed=seed, density_slope=0.0)
+
+    def points(R, seed):
+        return M.random_points((64, 64), R, calib=(8, 8), seed=seed, density_slope=0.0)
+
+    assert removed_vs_never_auc(disc, 4, 5) > 0.7 and removed_vs_never_auc(disc, 8, 9) > 0.85
+    assert abs(removed_vs_never_auc(points, 4, 5) - 0.5) < 0.02
+    assert abs(removed_vs_never_auc(points, 8, 9) - 0.5) < 0.02
 
 
 def test_sigpy_poisson_deterministic_fallback():

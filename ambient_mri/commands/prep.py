@@ -52,10 +52,10 @@ skipped with a one-line error and the exit status is 1. See docs/prep.md and doc
 @click.option("--mask-type", default="adps", show_default=True,
               help="Mask drawn for fully sampled inputs: random (fastMRI RandomMaskFunc), adps (floor(W/R) "
                    "lines, centre + uniform), equispaced, gaussian (variable-density lines), poisson or "
-                   "sigpy-poisson (2-D Poisson disc).")
+                   "sigpy-poisson (2-D Poisson disc), random-2d (2-D variable-density random points).")
 @click.option("--center-lines", type=int, default=None,
               help="Fully sampled centre lines of line masks (side of the square block of 2-D masks). "
-                   "Default: W/16 for adps/gaussian, 8% of W for random/equispaced, 8 for poisson.")
+                   "Default: W/16 for adps/gaussian, 8% of W for random/equispaced, 8 for the 2-D masks.")
 @click.option("--crop", nargs=2, type=int, default=None, metavar="H W",
               help="Centre crop to H x W: image space for fully sampled input (fastMRI convention); for "
                    "inputs with a mask the readout in image space and the phase encode in k-space. "

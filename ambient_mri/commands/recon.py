@@ -23,7 +23,7 @@ from ..recon import METHODS, run_recon
 @click.option("--seed", default=0, show_default=True, help="Sampler seed (and mask seed for --accel).")
 @click.option("--accel", type=float, help="Undersample fully sampled raw inputs at this acceleration.")
 @click.option("--mask-type", default="adps", show_default=True,
-              type=click.Choice(("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson")),
+              type=click.Choice(("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson", "random-2d")),
               help="Mask for --accel.")
 @click.option("--center-lines", type=int, help="ACS lines (or calibration side for 2-D masks) for --accel.")
 @click.option("--batch", default=8, show_default=True, help="Slices reconstructed together.")
