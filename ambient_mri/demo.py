@@ -6,7 +6,7 @@
    the val and test splits at R = 4 and R = 8.
 3. A short ambient training run from scratch on the undersampled train split, to show the loss falling.
 4. Reconstruction of the held-out test scans at R = 4 and R = 8 with the packaged demo checkpoint (trained
-   by ``ambient-mri train`` on the same undersampled train split; see docs/model_card_demo.md) and with
+   by ``ambient-mri train`` on the same undersampled train split, 7500 steps; see docs/model_card_demo.md) and with
    the classical baselines, then ``eval``: a PSNR/SSIM table and figures.
 """
 
@@ -29,7 +29,8 @@ from .train import train
 DEMO_CHECKPOINT = ASSETS / PACKAGED["demo"]
 TRAIN_ACCEL, TEST_ACCELS = 4.0, (4.0, 8.0)
 # A-DPS step l for the demo checkpoint, chosen on the demo's *validation* volume demo_val_000 at R = 8
-# (100 steps; l = 0.2 / 1 / 3 gave 18.4 / 24.4 / 21.6 dB, docs/model_card_demo.md), never on the test scans
+# (100 steps; for the 7500-step checkpoint l = 0.3 / 1 / 3 gave 22.69 / 26.06 / 24.93 dB, docs/model_card_demo.md),
+# never on the test scans
 ADPS_STEP_SIZE = 1.0
 DATA_OPTIONS = dict(n_train_volumes=24, n_val_volumes=3, n_test_volumes=3, slices_per_volume=10, size=64, coils=8,
                     seed=0)
