@@ -6,8 +6,8 @@ Stages (each skipped when its outputs exist, so an interrupted run resumes):
            ``sim_coil_maps``, noise), split into train / val / test by whole series (no slice in two splits).
  2. prep   train at the training R (undersampled k-space only); the same training volumes as a val-style split
            with references (ONLY for the oracle FS-EDM baseline); val and test at every test R; ``--mask lines``
-           (A-DPS 1-D random lines) or ``poisson`` (2-D Poisson disc); maps estimated (``--maps``), and for the
-           scored split a copy with the simulation's true maps (rows "+true maps").
+           (A-DPS 1-D random lines), ``poisson`` (2-D Poisson disc) or ``random-2d`` (2-D random points); maps
+           estimated (``--maps``), and for the scored split a copy with the simulation's true maps (rows "+true maps").
  3. sets   tuning set = the first validation volume; eval set = the test split (the final run) or, with
            ``--eval-split val`` (a pilot), the other validation volumes. Every method is scored on the same slices.
  4. tune   on the tuning volume only: the L1-wavelet weight per R, and the DPS step size l of each model.
@@ -118,6 +118,9 @@ class Bench:
 
 
 AMB = ["ambient-mri"]
+# --mask: (prep --mask-type, what the report calls it)
+MASKS = {"lines": ("adps", "1-D random lines (A-DPS)"), "poisson": ("poisson", "2-D Poisson disc"),
+         "random-2d": ("random-2d", "2-D random points (independent, variable density)")}
 
 
 def settings(args) -> dict:
@@ -157,8 +160,9 @@ def main():
     ap.add_argument("--quick", action="store_true", help="Smoke test: a subset, few steps (< 10 minutes).")
     ap.add_argument("--size", type=int, default=64, help="Matrix size of the SIAT volumes.")
     ap.add_argument("--coils", type=int, default=8, help="Coils simulated (head8ch maps: at most 8).")
-    ap.add_argument("--mask", choices=["lines", "poisson"], default="poisson",
-                    help="lines: A-DPS 1-D random lines (prep --mask-type adps); poisson: 2-D Poisson disc.")
+    ap.add_argument("--mask", choices=list(MASKS), default="poisson",
+                    help="lines: A-DPS 1-D random lines (prep --mask-type adps); poisson: 2-D Poisson disc; "
+                         "random-2d: 2-D independent variable-density points (identifiable, docs/theory.md).")
     ap.add_argument("--train-accel", type=float, default=8.0, help="R of the training masks.")
     ap.add_argument("--further-accel", type=float, default=9.0, help="R~ of the ambient further masks (> R).")
     ap.add_argument("--test-accels", type=float, nargs="+", default=[8.0, 12.0], help="R of the val/test masks.")
@@ -217,7 +221,7 @@ def main():
     b.stage("data", data)
 
     # 2. prep ---------------------------------------------------------------------------------
-    mask_type = "adps" if S["mask"] == "lines" else "poisson"
+    mask_type = MASKS[S["mask"]][0]
     common = ["--mask-type", mask_type, "--center-lines", S["center"], "--workers", 1 if S["quick"] else 2]
     acc = [a for R in accels for a in ("--accel", R)]
 
@@ -535,7 +539,7 @@ def _report(b: Bench, S: dict, args) -> str:
     import torch
 
     st = b.state
-    what = {"lines": "1-D random lines (A-DPS)", "poisson": "2-D Poisson disc"}[S["mask"]]
+    what = MASKS[S["mask"]][1]
     lines = [f"# Benchmark: SIAT multi-coil brain, {S['size']} x {S['size']}, {S['coils']} coils, {what}", ""]
     lines += [f"Machine: {platform.platform()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}, "
               f"torch {torch.__version__}. Mode: {'QUICK (smoke test)' if b.quick else 'full'}; scored on the "
