@@ -211,35 +211,45 @@ def poisson_disc(shape: tuple[int, int], accel: float, *, calib: tuple[int, int]
     seed, unlike rejection loops), then points are added or removed at random to hit the count exactly.
     The ``calib`` block is always fully sampled.
     """
+    H, W, target, cal, r = _grid_2d(shape, accel, calib, seed)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(H * W).astype(np.int64)
+    grow = 1 + density_slope * r
+    lo, hi = 0.0, min(3.0 * math.sqrt(accel), math.hypot(H, W))  # nearest-neighbour spacing ~ sqrt(R)
+    best = None
+    for _ in range(16):
+        s = 0.5 * (lo + hi)
+        m = _dart_throw(order, grow * s, H, W, cal)
+        if m.sum() >= target:
+            best, lo = m, s
+        else:
+            hi = s
+    m = _hit_count(best if best is not None else cal.copy(), cal, target, rng)
+    return SamplingMask(m.reshape(H, W), tuple(calib), seed, "poisson")
+
+
+def _grid_2d(shape, accel: float, calib, seed):
+    """Checked ``(H, W)``, the sample count ``floor(H W / R)``, the flat calibration block and the flat
+    normalised distance to the centre ``r`` in [0, 1] (the corners are 1) that the 2-D densities use."""
     H, W = _check_shape(shape)
     if not all(0 <= c <= n for c, n in zip(calib, (H, W))):
         raise ConfigError(f"calibration block {tuple(calib)} does not fit a {H} x {W} matrix")
     _check(accel, H * W, calib[0] * calib[1])
     _check_seed(seed)
-    target = int(math.floor(H * W / accel))
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(H * W).astype(np.int64)
-    cal = acs_region((H, W), calib)
     yy, xx = np.meshgrid(np.arange(H) - H // 2, np.arange(W) - W // 2, indexing="ij")
     r = np.sqrt((yy / max(H / 2, 1)) ** 2 + (xx / max(W / 2, 1)) ** 2) / math.sqrt(2)
-    grow = (1 + density_slope * r).ravel()
-    lo, hi = 0.0, min(3.0 * math.sqrt(accel), math.hypot(H, W))  # nearest-neighbour spacing ~ sqrt(R)
-    best = None
-    for _ in range(16):
-        s = 0.5 * (lo + hi)
-        m = _dart_throw(order, grow * s, H, W, cal.ravel())
-        if m.sum() >= target:
-            best, lo = m, s
-        else:
-            hi = s
-    m = best if best is not None else cal.ravel().copy()
-    free = np.flatnonzero(m & ~cal.ravel())
-    if m.sum() > target:  # remove the surplus at random (never from the calibration block)
+    return H, W, int(math.floor(H * W / accel)), acs_region((H, W), calib).ravel(), r.ravel()
+
+
+def _hit_count(m: np.ndarray, cal: np.ndarray, target: int, rng) -> np.ndarray:
+    """Remove (never from the calibration block, which wins when it alone exceeds ``target``) or add points
+    of the flat mask ``m`` at random until it holds ``target``; modifies and returns ``m``."""
+    if m.sum() > target:
+        free = np.flatnonzero(m & ~cal)
         m[rng.choice(free, min(m.sum() - target, free.size), replace=False)] = False
     elif m.sum() < target:
-        empty = np.flatnonzero(~m)
-        m[rng.choice(empty, target - m.sum(), replace=False)] = True
-    return SamplingMask(m.reshape(H, W), tuple(calib), seed, "poisson")
+        m[rng.choice(np.flatnonzero(~m), target - m.sum(), replace=False)] = True
+    return m
 
 
 def random_points(shape: tuple[int, int], accel: float, *, calib: tuple[int, int] = (8, 8), seed: int = 0,
@@ -252,28 +262,15 @@ def random_points(shape: tuple[int, int], accel: float, *, calib: tuple[int, int
     at random. Unlike a Poisson disc, a point's neighbours say nothing about it, so points that the ambient further
     mask removes look like points never acquired (the identifiability condition, docs/theory.md).
     """
-    H, W = _check_shape(shape)
-    if not all(0 <= c <= n for c, n in zip(calib, (H, W))):
-        raise ConfigError(f"calibration block {tuple(calib)} does not fit a {H} x {W} matrix")
-    _check(accel, H * W, calib[0] * calib[1])
-    _check_seed(seed)
-    target = int(math.floor(H * W / accel))
-    cal = acs_region((H, W), calib).ravel()
-    yy, xx = np.meshgrid(np.arange(H) - H // 2, np.arange(W) - W // 2, indexing="ij")
-    r = np.sqrt((yy / max(H / 2, 1)) ** 2 + (xx / max(W / 2, 1)) ** 2) / math.sqrt(2)
-    weight = (1 + density_slope * r).ravel() ** -2.0
+    H, W, target, cal, r = _grid_2d(shape, accel, calib, seed)
+    weight = (1 + density_slope * r) ** -2.0
     need = target - cal.sum()
     lo, hi = 0.0, 1.0 / weight.min()
     for _ in range(60):  # expected count sum(min(1, c w)) over the outer points is increasing in c
         c = 0.5 * (lo + hi)
         lo, hi = (c, hi) if np.minimum(1.0, c * weight[~cal]).sum() < need else (lo, c)
     rng = np.random.default_rng(seed)
-    m = cal | (rng.uniform(size=H * W) < np.minimum(1.0, hi * weight))
-    free = np.flatnonzero(m & ~cal)
-    if m.sum() > target:  # never from the calibration block, which wins when it alone exceeds the target
-        m[rng.choice(free, min(m.sum() - target, free.size), replace=False)] = False
-    elif m.sum() < target:
-        m[rng.choice(np.flatnonzero(~m), target - m.sum(), replace=False)] = True
+    m = _hit_count(cal | (rng.uniform(size=H * W) < np.minimum(1.0, hi * weight)), cal, target, rng)
     return SamplingMask(m.reshape(H, W), tuple(calib), seed, "random-2d")
 
 
