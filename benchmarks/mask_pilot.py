@@ -1,0 +1,90 @@
+"""Issue 10's mask pilot on validation slices: one ambient prior per training-mask type, each scored by the DC
+sampler against L1-wavelet (weight tuned on the first validation volume), A-OS and zero-filled, at R = 4 in its own
+mask type; paired DC - L1 difference with a 95 % bootstrap interval over slices.
+
+Each setting is ``NAME=VAL_FOLDER:RUN``: ``VAL_FOLDER`` a prepared val split at R = 4 (its first file, in sorted
+order, tunes L1; the others are scored) and ``RUN`` the ambient run folder. How the 2026-12-06 runs were made
+(SIAT 64 x 64, 8 coils, noise 0.005, as ``siat_benchmark.py``; ``MK`` = poisson or random-2d):
+
+    ambient-mri prep DATA/train prep_MK/train --split train --accel 4 --seed 0 --maps espirit-torch \\
+        --mask-type MK --center-lines 8 --workers 2
+    ambient-mri prep DATA/val prep_MK/val --split val --accel 4 --seed 1 --maps espirit-torch --mask-type MK \\
+        --center-lines 8 --workers 2
+    ambient-mri train --config cpu64 --data prep_MK/train --out runs/MK train.steps=1500 train.batch=8 \\
+        train.lr=0.0006 train.warmup=200 train.ema_halflife=8000 loss.kind=ambient loss.further_accel=5
+
+    python benchmarks/mask_pilot.py --out OUT poisson=prep_poisson/val:runs/poisson random-2d=...
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ambient_mri.evaluate import run_eval
+from ambient_mri.recon import run_recon
+
+
+def split_sets(val: Path, out: Path) -> tuple[Path, Path]:
+    """``out/tune`` (the first volume) and ``out/eval`` (the others), as links to the files in ``val``."""
+    files = sorted(val.glob("*.h5"))
+    if len(files) < 2:
+        sys.exit(f"{val}: needs at least 2 prepared volumes (one tunes L1), found {len(files)}")
+    for name, fs in (("tune", files[:1]), ("eval", files[1:])):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for f in fs:
+            if not (out / name / f.name).exists():
+                (out / name / f.name).symlink_to(f.resolve())
+    return out / "tune", out / "eval"
+
+
+def score(name: str, val: Path, run: Path, out: Path, dc_steps: int, seed: int) -> str:
+    tune, ev = split_sets(val, out / "sets")
+    t0 = time.time()
+    jobs = [("zf", {}), ("l1", dict(tune_on=tune, tune_slices=8, l1_iters=100)), ("aos", dict(checkpoint=run)),
+            ("dc", dict(checkpoint=run, steps=dc_steps, seed=seed))]
+    for m, kw in jobs:
+        run_recon(ev, out / m, m, label=m, nifti=False, png=False, quiet=True, batch=10,
+                  echo=lambda *a, **k: None, **kw)
+    run_eval([out / m for m, _ in jobs], ev, out / "report")
+    with open(out / "report" / "metrics_slices.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    per = {m: np.array([float(r["psnr_adps"]) for r in rows if r["label"] == m]) for m, _ in jobs}
+    d = per["dc"] - per["l1"]
+    rng = np.random.default_rng(seed)
+    boot = rng.choice(d, (10000, d.size)).mean(1)
+    return (f"| {name} | {d.size} | " + " | ".join(f"{per[m].mean():.2f}" for m, _ in jobs)
+            + f" | {d.mean():+.2f} [{np.percentile(boot, 2.5):+.2f}, {np.percentile(boot, 97.5):+.2f}]"
+            + f" | {time.time() - t0:.0f} |")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("settings", nargs="+", help="NAME=VAL_FOLDER:RUN")
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--dc-steps", type=int, default=25)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    print(f"command: {' '.join(sys.argv)}\nmachine: {platform.platform()}, {os.cpu_count()} CPU cores, "
+          f"torch {torch.__version__}, {a.threads} threads; sampler and bootstrap seed {a.seed}\n")
+    print("| setting | slices | ZF | L1 | A-OS | DC | DC - L1 [95 % CI] | s |\n|---|---|---|---|---|---|---|---|")
+    for s in a.settings:
+        name, _, rest = s.partition("=")
+        val, _, run = rest.partition(":")
+        if not (name and val and run):
+            sys.exit(f"setting {s!r}: expected NAME=VAL_FOLDER:RUN")
+        print(score(name, Path(val), Path(run), a.out / name, a.dc_steps, a.seed), flush=True)
+
+
+if __name__ == "__main__":
+    main()
