@@ -417,10 +417,10 @@ def kspace_mask(kind: str, shape: tuple[int, int], accel: float, *, center: int 
         n = center if center is not None else max(2, round(W / 16))
         fn = adps_lines if kind == "adps" else gaussian_lines
         return fn(W, accel, center_lines=n, seed=seed)
-    if kind in ("poisson", "sigpy-poisson", "random-2d"):
+    draw_2d = {"poisson": poisson_disc, "sigpy-poisson": sigpy_poisson, "random-2d": random_points}.get(kind)
+    if draw_2d is not None:
         c = center if center is not None else 8
-        fn = {"poisson": poisson_disc, "sigpy-poisson": sigpy_poisson, "random-2d": random_points}[kind]
-        return fn((H, W), accel, calib=(min(c, H), min(c, W)), seed=seed)
+        return draw_2d((H, W), accel, calib=(min(c, H), min(c, W)), seed=seed)
     raise ConfigError(f"unknown mask type {kind!r} (choose from {', '.join(KSPACE_KINDS)})")
 
 

@@ -15,12 +15,12 @@ from dataclasses import asdict, dataclass
 
 from .coils import DEFAULT_MAPS, MAPS_REVISION, maps_methods
 from .errors import ConfigError, DataError
-from .masks import kspace_mask
+from .masks import KSPACE_KINDS, kspace_mask
 from .prepared import DOMAINS, SPLITS
 
 REFERENCE_KINDS = ("cg-sense", "rss")
 CORRUPTIONS = ("box", "pixels")
-MASK_TYPES = ("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson", "random-2d")  # == masks.KSPACE_KINDS
+MASK_TYPES = KSPACE_KINDS  # what --mask-type accepts: every kind masks.kspace_mask draws
 IMAGE_DOMAIN_CALIB = 24  # A-DPS's 24 x 24 training calibration block
 _MAX_SEED = 2**31 - 2**20  # room for sigpy-poisson's seed + 1000 k retries below 2**31
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from ..masks import KSPACE_KINDS
 from ..recon import METHODS, run_recon
 
 
@@ -23,7 +24,7 @@ from ..recon import METHODS, run_recon
 @click.option("--seed", default=0, show_default=True, help="Sampler seed (and mask seed for --accel).")
 @click.option("--accel", type=float, help="Undersample fully sampled raw inputs at this acceleration.")
 @click.option("--mask-type", default="adps", show_default=True,
-              type=click.Choice(("random", "adps", "equispaced", "gaussian", "poisson", "sigpy-poisson", "random-2d")),
+              type=click.Choice(KSPACE_KINDS),
               help="Mask for --accel.")
 @click.option("--center-lines", type=int, help="ACS lines (or calibration side for 2-D masks) for --accel.")
 @click.option("--batch", default=8, show_default=True, help="Slices reconstructed together.")
