@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from ambient_mri.evaluate import run_eval
+from ambient_mri.metrics import paired_difference
 from ambient_mri.recon import run_recon
 
 
@@ -57,13 +58,11 @@ def score(name: str, val: Path, run: Path, out: Path, dc_steps: int, seed: int) 
     run_eval([out / m for m, _ in jobs], ev, out / "report")
     with open(out / "report" / "metrics_slices.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    per = {m: np.array([float(r["psnr_adps"]) for r in rows if r["label"] == m]) for m, _ in jobs}
-    d = per["dc"] - per["l1"]
-    rng = np.random.default_rng(seed)
-    boot = rng.choice(d, (10000, d.size)).mean(1)
-    return (f"| {name} | {d.size} | " + " | ".join(f"{per[m].mean():.2f}" for m, _ in jobs)
-            + f" | {d.mean():+.2f} [{np.percentile(boot, 2.5):+.2f}, {np.percentile(boot, 97.5):+.2f}]"
-            + f" | {time.time() - t0:.0f} |")
+    per = {m: {(r["volume"], r["slice"]): float(r["psnr_adps"]) for r in rows if r["label"] == m} for m, _ in jobs}
+    keys = sorted(per["dc"])  # every method is scored on the same slices; pair them by (volume, slice)
+    d = paired_difference([per["dc"][k] for k in keys], [per["l1"][k] for k in keys], seed=seed)
+    return (f"| {name} | {d['n']} | " + " | ".join(f"{np.mean([per[m][k] for k in keys]):.2f}" for m, _ in jobs)
+            + f" | {d['mean']:+.2f} [{d['lo']:+.2f}, {d['hi']:+.2f}] | {time.time() - t0:.0f} |")
 
 
 def main(argv=None):
