@@ -31,15 +31,18 @@ def test_siat_benchmark_quick(shared_data, tmp_path):
     assert any(line.startswith("| R8 |") and "| l1 |" in line for line in report.splitlines())
     assert (out / "report" / "prior_samples.png").stat().st_size > 0
     assert "ambient-mri train --config cpu64" in (out / "commands.log").read_text()
-    # benchmarks/mask_pilot.py on the same validation split and ambient run: one row, every method scored
-    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "mask_pilot.py"), "--out", str(tmp_path / "pilot"),
-                        "--dc-steps", "2", "--threads", "1", f"quick={out / 'prep' / 'val' / 'R8'}:{out / 'runs' / 'ambient'}"],
+    # benchmarks/pilot.py on the same validation split and ambient run: one row, every method scored, with an
+    # extra A-DPS column (--sampler)
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pilot.py"), "--out", str(tmp_path / "pilot"),
+                        "--dc-steps", "2", "--threads", "1", "--sampler", "adps3=adps:steps=3,step_size=10",
+                        f"quick={out / 'prep' / 'val' / 'R8'}:{out / 'runs' / 'ambient'}"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     row = [line for line in r.stdout.splitlines() if line.startswith("| quick |")]
     assert len(row) == 1 and "[" in row[0], r.stdout
     cells = [c.strip() for c in row[0].split("|")[1:-1]]
-    assert int(cells[1]) > 0 and all(np.isfinite(float(c)) for c in cells[2:6])
+    assert len(cells) == 10 and int(cells[1]) > 0 and all(np.isfinite(float(c)) for c in cells[2:6] + [cells[7]])
+    assert "adps3 - L1" in r.stdout and "[" in cells[8]
 
 
 def test_train_throughput_runs(tmp_path):
