@@ -4,7 +4,7 @@
 # volumes at R (default 8) with ACS lines (default 4: 4 ACS + 4 random lines at R = 8), then reconstructs the
 # same 60 test slices with the run's three priors (trained at R = 4 with 8 ACS lines; not retrained) and the
 # classical baselines, scores them and prints paired differences. L1's weight is chosen on the run's tuning
-# volume (validation); the DPS step sizes are the run's (chosen there at R = 4/8 on validation).
+# volume (validation); each prior's DPS step size is the one the run chose for it there (validation).
 #
 #   bash benchmarks/siat_higher_r.sh OUT [R] [ACS]      # OUT: the benchmark's --out folder
 set -euo pipefail
@@ -19,7 +19,7 @@ for maps in espirit-sake true; do
   ambient-mri prep data/test "$T/prep/test_$maps" --split test --accel "$R" --seed 2 --maps "$maps" --mask-type adps --center-lines "$ACS" --workers 2
 done
 TUNE="$T/prep/val_espirit-sake"  # L1 is tuned on its first 8 slices: the run's tuning volume (the first by name)
-L=$(python -c "import json; print(json.load(open('state.json'))['tune_dps']['step_size']['ambient'])")
+l() { python -c "import json; print(json.load(open('state.json'))['tune_dps']['step_size']['$1'])"; }  # l of prior $1
 TEST="$T/prep/test_espirit-sake"; TRUE="$T/prep/test_true"; REC="$T/rec"
 rec() {  # INPUT SUBFOLDER NAME LABEL METHOD [options]
   ambient-mri recon --input "$1" --out "$REC/$2/$3" --label "$4" --method "$5" --no-nifti --no-png -q "${@:6}"; }
@@ -29,13 +29,13 @@ rec "$TEST" est l1 l1 l1 --tune-on "$TUNE" --tune-slices 8
 LAM=$(python -c "import h5py,glob; print(h5py.File(sorted(glob.glob('$REC/est/l1/*.h5'))[0],'r').attrs['lam'])")
 rec "$TEST" est aos aos aos --checkpoint runs/ambient/checkpoint.pt
 rec "$TEST" est dc dc dc --checkpoint runs/ambient/checkpoint.pt --steps 25
-rec "$TEST" est adps adps adps --checkpoint runs/ambient/checkpoint.pt --steps 100 --step-size "$L"
+rec "$TEST" est adps adps adps --checkpoint runs/ambient/checkpoint.pt --steps 100 --step-size "$(l ambient)"
 for m in oracle naive; do
   rec "$TEST" est "$m-dc" "$m-dc" dc --checkpoint "runs/$m/checkpoint.pt" --steps 25
   rec "$TEST" est "$m-mmps" "$m-mmps" mmps --checkpoint "runs/$m/checkpoint.pt" --steps 10 --cg-iters 3
 done
-rec "$TEST" est fsdps fsdps fsdps --checkpoint runs/oracle/checkpoint.pt --steps 100 --step-size "$L"
-rec "$TEST" est naive-dps naive-dps fsdps --checkpoint runs/naive/checkpoint.pt --steps 100 --step-size "$L"
+rec "$TEST" est fsdps fsdps fsdps --checkpoint runs/oracle/checkpoint.pt --steps 100 --step-size "$(l oracle)"
+rec "$TEST" est naive-dps naive-dps fsdps --checkpoint runs/naive/checkpoint.pt --steps 100 --step-size "$(l naive)"
 rec "$TRUE" true l1 "l1+true maps" l1 --lam "$LAM"
 rec "$TRUE" true dc "dc+true maps" dc --checkpoint runs/ambient/checkpoint.pt --steps 25
 rec "$TRUE" true oracle-dc "oracle-dc+true maps" dc --checkpoint runs/oracle/checkpoint.pt --steps 25
