@@ -23,7 +23,6 @@ and are scored the same way, e.g. ``--sampler adps300-l3=adps:steps=300,step_siz
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import sys
@@ -36,6 +35,9 @@ import torch
 from ambient_mri.evaluate import run_eval
 from ambient_mri.metrics import paired_difference
 from ambient_mri.recon import run_recon
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from siat_benchmark import slice_psnr  # noqa: E402
 
 
 def split_sets(val: Path, out: Path) -> tuple[Path, Path]:
@@ -53,7 +55,8 @@ def split_sets(val: Path, out: Path) -> tuple[Path, Path]:
 
 def parse_sampler(text: str) -> tuple[str, str, dict]:
     """``"adps300=adps:steps=300,step_size=3"`` -> ``("adps300", "adps", {"steps": 300, "step_size": 3})``
-    (values: int, else float, else text; keys are :func:`ambient_mri.recon.run_recon`'s)."""
+    (values: ``true``/``false`` as booleans, else int, else float, else text; keys are
+    :func:`ambient_mri.recon.run_recon`'s)."""
     name, _, rest = text.partition("=")
     method, _, args = rest.partition(":")
     if not (name and method) or name in ("zf", "l1", "aos", "dc"):
@@ -61,6 +64,9 @@ def parse_sampler(text: str) -> tuple[str, str, dict]:
     kw = {}
     for item in filter(None, args.split(",")):
         k, _, v = item.partition("=")
+        if v.lower() in ("true", "false"):  # "ema=false" must not become the (truthy) text "false"
+            kw[k] = v.lower() == "true"
+            continue
         for cast in (int, float, str):
             try:
                 kw[k] = cast(v)
@@ -80,9 +86,7 @@ def score(name: str, val: Path, run: Path, out: Path, dc_steps: int, seed: int, 
         run_recon(ev, out / label, m, label=label, nifti=False, png=False, quiet=True, batch=10,
                   echo=lambda *a, **k: None, **kw)
     run_eval([out / label for label, _, _ in jobs], ev, out / "report")
-    with open(out / "report" / "metrics_slices.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    per = {j[0]: {(r["volume"], r["slice"]): float(r["psnr_adps"]) for r in rows if r["label"] == j[0]} for j in jobs}
+    per = slice_psnr(out / "report")
     keys = sorted(per["dc"])  # every method is scored on the same slices; pair them by (volume, slice)
 
     def versus_l1(label):

@@ -419,20 +419,25 @@ def main():
     print(f"report: {dest}")
 
 
+def slice_psnr(report: Path) -> dict:
+    """``{label: {(volume, slice): PSNR (A-DPS)}}`` from an ``ambient-mri eval`` report's ``metrics_slices.csv``."""
+    import csv
+
+    per: dict = {}
+    with open(report / "metrics_slices.csv", newline="") as f:
+        for r in csv.DictReader(f):
+            per.setdefault(r["label"], {})[(r["volume"], int(r["slice"]))] = float(r["psnr_adps"])
+    return per
+
+
 def _paired(report: Path) -> list[dict]:
     """Paired PSNR (A-DPS) differences over the same slices: the best ambient sampler (highest mean) against
     L1, the naive prior's best sampler and the oracle's best sampler; plus every ambient sampler against L1."""
-    import csv
-
     import numpy as np
 
     from ambient_mri.metrics import paired_difference
 
-    with open(report / "metrics_slices.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    per: dict = {}
-    for r in rows:
-        per.setdefault(r["label"], {})[(r["volume"], int(r["slice"]))] = float(r["psnr_adps"])
+    per = slice_psnr(report)
     keys = sorted(per["l1"])
     score = {k: np.array([v[s] for s in keys]) for k, v in per.items() if set(v) == set(keys)}
     best = lambda labels: max((x for x in labels if x in score), key=lambda x: score[x].mean())  # noqa: E731

@@ -54,3 +54,17 @@ def test_train_throughput_runs(tmp_path):
                        timeout=300, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "trainer:" in r.stdout and "images/s" in r.stdout
+
+
+def test_pilot_sampler_options_and_slice_psnr(tmp_path):
+    """benchmarks/pilot.py's ``--sampler`` values keep their types (``ema=false`` is False, not the truthy text
+    "false"), and ``slice_psnr`` (shared with siat_benchmark.py) reads an eval report per label and slice."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import pilot
+
+    name, method, kw = pilot.parse_sampler("raw=dc:ema=false,steps=25,step_size=0.5,further=within,x=True")
+    assert (name, method) == ("raw", "dc")
+    assert kw == {"ema": False, "steps": 25, "step_size": 0.5, "further": "within", "x": True}
+    assert kw["ema"] is False and type(kw["steps"]) is int
+    (tmp_path / "metrics_slices.csv").write_text("label,volume,slice,psnr_adps\nl1,v,1,20.5\nl1,v,10,21\ndc,v,1,22\n")
+    assert pilot.slice_psnr(tmp_path) == {"l1": {("v", 1): 20.5, ("v", 10): 21.0}, "dc": {("v", 1): 22.0}}
