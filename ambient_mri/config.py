@@ -25,6 +25,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 LOSS_KINDS = ("ambient", "ambient_image", "oracle", "naive_zf", "naive_l1", "em")
 AMBIENT_KINDS = ("ambient", "ambient_image")
 CLEAN_KINDS = ("oracle", "naive_zf", "naive_l1", "em")  # trained with plain EDM on images (no further mask)
+AUGMENTS = ("none", "readout-flip")  # train.augment (augment.py)
 EM_SAMPLERS = ("dc", "adps", "mmps")  # E-step posterior samplers (adps with a clean prior is FS-DPS)
 # Keys a resumed run may change (everything else must match the checkpoint's config).
 RESUMABLE_KEYS = {"train.steps", "train.log_every", "train.ckpt_every", "train.sample_every", "train.sample_n",
@@ -138,7 +139,9 @@ class TrainConfig:
     ``min(ema_halflife, ema_rampup * images_seen)``; ``ema_rampup: null`` = no ramp) or, if
     ``ema_decay`` is set, a constant per-step decay; ``precision`` fp32|bf16|fp16 (autocast on GPU only);
     ``seed``; logging/checkpoint/sample-grid periods in steps (``sample_every: 0`` = never), ``keep``
-    numbered snapshots; ``num_workers`` data-loader processes; ``device`` auto|cpu|cuda.
+    numbered snapshots; ``num_workers`` data-loader processes; ``device`` auto|cpu|cuda; ``augment``
+    none|readout-flip (``augment.readout_flip``: each slice reflected along its rows with probability 1/2,
+    exact for measured k-space).
     """
 
     steps: int = 1000
@@ -161,6 +164,7 @@ class TrainConfig:
     keep: int = 3
     num_workers: int = 0
     device: str = "auto"
+    augment: str = "none"
 
     def check(self):
         for k in ("steps", "batch", "log_every", "ckpt_every", "sample_n", "sample_steps", "keep"):
@@ -189,6 +193,8 @@ class TrainConfig:
             raise ConfigError(f"train.seed must be < 2**31 (got {self.seed})")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"train.device must be auto, cpu or cuda (got {self.device!r})")
+        if self.augment not in AUGMENTS:
+            raise ConfigError(f"train.augment must be one of {', '.join(AUGMENTS)} (got {self.augment!r})")
 
 
 @dataclass

@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from . import __version__
+from .augment import augmentation
 from .checkpoint import (latest_checkpoint, load_checkpoint, params_sha256, remove_stale_temporaries,
                          rng_state, set_rng_state)
 from .config import RESUMABLE_KEYS, Config, apply_overrides, changed_keys, dump_yaml, load_config
@@ -377,6 +378,7 @@ def _train_loop(cfg: Config, state: TrainState, meta: dict, corruption: Corrupti
     model = state.model
     den = loss_denoiser(model, env, device)
     loss_fn = build_loss(cfg.loss, corruption, seed)
+    augment = augmentation(T.augment)
     sampler = step_sampler(dataset, env, seed, T.batch)
     loader = DataLoader(dataset, batch_size=T.batch, sampler=sampler, num_workers=T.num_workers, collate_fn=collate,
                         drop_last=True, pin_memory=device.type == "cuda", persistent_workers=T.num_workers > 0)
@@ -397,6 +399,9 @@ def _train_loop(cfg: Config, state: TrainState, meta: dict, corruption: Corrupti
             if batch is None:
                 break
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if augment is not None:  # its own generator: the loss's draws below are those of a run without it
+                batch = augment(batch, torch.Generator(device=device).manual_seed(
+                    derived_seed("augment", seed, env.rank, step)))
             g = torch.Generator(device=device).manual_seed(derived_seed("noise", seed, env.rank, step))
             torch.manual_seed(derived_seed("dropout", seed, env.rank, step))
             lr = lr_at(T, step)

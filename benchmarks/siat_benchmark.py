@@ -133,6 +133,8 @@ def settings(args) -> dict:
              l1_candidates=None, threads=args.threads, quick=False, em_rounds=args.em_rounds,
              em_steps=args.em_steps, em_sampler=args.em_sampler, em_sampler_steps=args.em_sampler_steps,
              mmps_steps=10, mmps_cg=3)
+    if args.augment != "none":  # recorded only when used, so that earlier runs' settings still match
+        S["augment"] = args.augment
     if args.quick:
         S.update(slices="0:60", steps=20, batch=4, dps_steps=8, dc_steps=4, mem_samples=4, mem_steps=6,
                  l_candidates=[1.0], tune_slices=2, l1_tune_slices=2, l1_iters=20, l1_candidates=[1e-3, 1e-2],
@@ -186,6 +188,8 @@ def main():
     ap.add_argument("--em-sampler", choices=["dc", "adps", "mmps"], default="dc",
                     help="E-step sampler of rounds 2.. (round 1, with the ambient prior, uses dc).")
     ap.add_argument("--em-sampler-steps", type=int, default=10, help="E-step sampler steps.")
+    ap.add_argument("--augment", choices=["none", "readout-flip"], default="none",
+                    help="train.augment of all three priors (readout-flip: exact left-right mirror, docs/training.md).")
     ap.add_argument("--threads", type=int, default=2,
                     help="Torch threads per command; the models train one after another with all of them.")
     args = ap.parse_args()
@@ -283,7 +287,8 @@ def main():
             args_ = AMB + ["train", "--config", "cpu64", "--data", data_dir, "--out", f"runs/{name}", "-q",
                            f"train.steps={S['steps']}", f"train.batch={S['batch']}", f"train.lr={S['lr']}",
                            f"train.warmup={min(200, S['steps'] // 4)}", f"train.ema_halflife={S['ema_halflife']}",
-                           "train.sample_every=0", f"train.ckpt_every={max(S['steps'] // 6, 10)}", *ov]
+                           "train.sample_every=0", f"train.ckpt_every={max(S['steps'] // 6, 10)}",
+                           f"train.augment={S.get('augment', 'none')}", *ov]
             if (b.out / "runs" / name / "checkpoint.pt").exists():
                 args_.append("--resume")
             if b.cmd(args_, background=True, log=b.out / f"train_{name}.log").wait() != 0:

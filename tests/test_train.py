@@ -432,9 +432,11 @@ def _seed_of(*parts):
 def _plain_training(cfg, root, steps):
     """What ``train`` is documented to do, written out step by step for one process: the initial weights of
     ``torch.manual_seed(seed)``, Adam, batches in ``DistributedSampler(shuffle, seed, drop_last)`` order,
-    then per step ``t``: a generator seeded by ("noise", seed, 0, t) drawing sigma, then M~ (redrawn), then
-    eta; dropout seeded by ("dropout", seed, 0, t); lr with linear warm-up; gradients clipped to grad_clip;
-    EMA with EDM's half-life ramp-up. Returns the model and the EMA."""
+    then per step ``t``: with ``train.augment: readout-flip``, each slice's rows reflected about row H // 2
+    where a uniform draw from a generator seeded by ("augment", seed, 0, t) is below 1/2; a generator seeded
+    by ("noise", seed, 0, t) drawing sigma, then M~ (redrawn), then eta; dropout seeded by ("dropout", seed,
+    0, t); lr with linear warm-up; gradients clipped to grad_clip; EMA with EDM's half-life ramp-up. Returns
+    the model and the EMA."""
     from torch.utils.data import DistributedSampler
 
     from ambient_mri.datasets import build_dataset, collate
@@ -457,6 +459,12 @@ def _plain_training(cfg, root, steps):
         epoch, k = divmod(t, per_epoch)
         order.set_epoch(epoch)  # reshuffled by seed + epoch
         b = collate([ds[i] for i in list(order)[k * T["batch"] : (k + 1) * T["batch"]]])
+        if T["augment"] == "readout-flip":
+            flip = torch.rand(T["batch"], generator=torch.Generator().manual_seed(_seed_of("augment", seed, 0, t))) < 0.5
+            H = b["kspace"].shape[-2]
+            rows = (2 * (H // 2) - torch.arange(H)) % H
+            for key in ("kspace", "maps"):  # the line masks (1, W) are their own reflection
+                b[key] = torch.stack([v[..., rows, :] if f else v for v, f in zip(b[key], flip)])
         g = torch.Generator().manual_seed(_seed_of("noise", seed, 0, t))
         torch.manual_seed(_seed_of("dropout", seed, 0, t))
         for group in opt.param_groups:
@@ -478,15 +486,17 @@ def _plain_training(cfg, root, steps):
     return model, ema
 
 
-def test_training_loop_equals_a_plain_reimplementation_of_its_steps(tmp_path, data):
+@pytest.mark.parametrize("augment", ["none", "readout-flip"])
+def test_training_loop_equals_a_plain_reimplementation_of_its_steps(tmp_path, data, augment):
     """The loss objects, the loop's RNG order (sigma, M~, eta from one generator per step; dropout seeded per
-    step), warm-up, clipping, EMA and the epoch change (8 slices, batch 4: step 3 starts epoch 1) give exactly
-    the weights of the plain loop above (bit for bit, CPU)."""
+    step), the readout flip, warm-up, clipping, EMA and the epoch change (8 slices, batch 4: step 3 starts
+    epoch 1) give exactly the weights of the plain loop above (bit for bit, CPU)."""
     from ambient_mri.config import load_config
 
     steps = 3
-    res = run(tmp_path / "run", data["train"], f"train.steps={steps}", "model.dropout=0.1", "train.warmup=2")
-    cfg = load_config("tiny", [f"train.steps={steps}", "model.dropout=0.1", "train.warmup=2"]).to_dict()
+    over = [f"train.steps={steps}", "model.dropout=0.1", "train.warmup=2", f"train.augment={augment}"]
+    res = run(tmp_path / "run", data["train"], *over)
+    cfg = load_config("tiny", over).to_dict()
     assert cfg["loss"]["kind"] == "ambient" and cfg["loss"]["redraw"] and cfg["train"]["optimizer"] == "adam"
     model, ema = _plain_training(cfg, data["train"], steps)
     assert params_sha256(model) == res["params_sha256"]
@@ -495,6 +505,9 @@ def test_training_loop_equals_a_plain_reimplementation_of_its_steps(tmp_path, da
         assert torch.equal(ck["ema"][k], v), k
     one_step_less, _ = _plain_training(cfg, data["train"], steps - 1)
     assert params_sha256(one_step_less) != res["params_sha256"]  # the comparison can fail
+    if augment != "none":  # and the flip changes what is learnt
+        unflipped, _ = _plain_training(dict(cfg, train=dict(cfg["train"], augment="none")), data["train"], steps)
+        assert params_sha256(unflipped) != res["params_sha256"]
 
 
 def test_sample_grids_of_a_multicoil_model_use_training_coil_maps(tmp_path, data, monkeypatch):
