@@ -68,3 +68,33 @@ def test_pilot_sampler_options_and_slice_psnr(tmp_path):
     assert kw["ema"] is False and type(kw["steps"]) is int
     (tmp_path / "metrics_slices.csv").write_text("label,volume,slice,psnr_adps\nl1,v,1,20.5\nl1,v,10,21\ndc,v,1,22\n")
     assert pilot.slice_psnr(tmp_path) == {"l1": {("v", 1): 20.5, ("v", 10): 21.0}, "dc": {("v", 1): 22.0}}
+
+
+def test_heldout_loss_scores_ambient_and_clean_priors_with_fixed_draws(tmp_path, capsys):
+    """benchmarks/heldout_loss.py: an ambient checkpoint on k-space splits, a clean one on references; the same
+    split named twice gives the same errors (the draws are fixed), so a train/held-out ratio means the data."""
+    from ambient_mri.train import train
+    from tests.test_datasets import write_prepared
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import heldout_loss
+
+    tr = write_prepared(tmp_path / "train", files=1, slices=4, coils=2)
+    va = write_prepared(tmp_path / "val", files=1, slices=4, coils=2, split="val", seed=1)
+    quiet = dict(progress=False, echo=lambda m: None)
+    train("tiny", tr, tmp_path / "amb", overrides=["train.steps=2"], **quiet)
+    train("tiny", va, tmp_path / "ora", overrides=["train.steps=2", "loss.kind=oracle"], **quiet)
+    csv_path = tmp_path / "rows.csv"
+    assert heldout_loss.main(["--split", f"a={tr}", "--split", f"b={tr}", "--split", f"val={va}",
+                              "--ref-split", f"ref={va}", "--sigmas", "0.01", "1", "--slices", "3",
+                              "--checkpoint", f"amb={tmp_path / 'amb'}", "--checkpoint", f"ora={tmp_path / 'ora'}",
+                              "--out", str(csv_path)]) == 0
+    out = capsys.readouterr().out
+    assert "amb (b / a): sigma 0.01: 1.000, sigma 1: 1.000" in out
+    import csv
+
+    rows = list(csv.DictReader(csv_path.open()))
+    assert [(r["checkpoint"], r["split"]) for r in rows] == [("amb", "a"), ("amb", "b"), ("amb", "val"), ("ora", "ref")]
+    errs = [float(r[k]) for r in rows for k in ("e(0.01)", "e(1)")]
+    assert all(np.isfinite(errs)) and all(e > 0 for e in errs)
+    assert float(rows[0]["e(1)"]) > float(rows[0]["e(0.01)"])  # more noise, larger error, even for a 2-step model
