@@ -13,8 +13,9 @@ no unmeasured value made up. Line masks (``(1, W)``: phase-encode lines along th
 are reflected with the data. The flip is drawn per slice with probability 1/2, from its own generator, so
 a run without augmentation draws exactly what it drew before. The prepared data never change.
 
-Whether ``R x`` is as likely as ``x`` is a property of the data: for the SIAT and demo slices the rows run
-left-right across the head (docs/training.md), the symmetry a brain has.
+Whether ``R x`` is as likely as ``x`` is a property of the data: for the SIAT benchmark's (mostly axial) slices the
+rows run left-right across the head (docs/training.md), the symmetry a brain has; the demo's simulated slices come in
+several orientations, so it is not used there.
 """
 
 from __future__ import annotations
