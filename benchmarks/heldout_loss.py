@@ -103,7 +103,8 @@ def main(argv=None) -> int:
         corruption = from_dict(meta["training"]["corruption"])
         clean = meta["training"]["kind"] in CLEAN_KINDS
         if not (refs if clean else splits):
-            sys.exit(f"{ck_path}: a {meta['training']['kind']} checkpoint needs {'--ref-split' if clean else '--split'}")
+            need = "--ref-split" if clean else "--split"
+            sys.exit(f"{ck_path}: a {meta['training']['kind']} checkpoint needs {need}")
         for split_name, ds in (refs if clean else splits).items():
             errs = relative_errors(den, corruption, ds, a.sigmas, slices=a.slices, batch=a.batch, seed=a.seed)
             rows.append({"checkpoint": ck_name, "step": meta["step"], "split": split_name,

@@ -44,7 +44,8 @@ def test_flipped_measurement_is_a_measurement_of_the_flipped_image(H, lines):
 def test_readout_flip_flips_whole_slices_and_leaves_the_batch_alone():
     g = torch.Generator().manual_seed(3)
     B, C, H, W = 16, 2, 8, 6
-    batch = {"kspace": torch.randn(B, C, H, W, dtype=torch.complex64), "maps": torch.randn(B, C, H, W, dtype=torch.complex64),
+    cplx = lambda: torch.randn(B, C, H, W, dtype=torch.complex64)  # noqa: E731
+    batch = {"kspace": cplx(), "maps": cplx(),
              "mask": (torch.rand(B, 1, W) < 0.5).float(), "norm": torch.rand(B), "index": torch.arange(B)}
     before = {k: v.clone() for k, v in batch.items()}
     out = readout_flip(batch, g)

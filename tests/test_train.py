@@ -460,7 +460,8 @@ def _plain_training(cfg, root, steps):
         order.set_epoch(epoch)  # reshuffled by seed + epoch
         b = collate([ds[i] for i in list(order)[k * T["batch"] : (k + 1) * T["batch"]]])
         if T["augment"] == "readout-flip":
-            flip = torch.rand(T["batch"], generator=torch.Generator().manual_seed(_seed_of("augment", seed, 0, t))) < 0.5
+            ga = torch.Generator().manual_seed(_seed_of("augment", seed, 0, t))
+            flip = torch.rand(T["batch"], generator=ga) < 0.5
             H = b["kspace"].shape[-2]
             rows = (2 * (H // 2) - torch.arange(H)) % H
             for key in ("kspace", "maps"):  # the line masks (1, W) are their own reflection
