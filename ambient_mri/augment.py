@@ -2,7 +2,7 @@
 
 Reflecting an image about the centre of its rows, ``(R x)[n] = x[(2 c - n) mod H]`` with ``c = H // 2`` (the
 pixel that the centred FFT, ``fft.fft2c``, treats as the origin), reflects its k-space the same way along
-``k_y``: ``F R = R F``. A measured slice ``y = M F S x`` of ``x`` is therefore, exactly, a measured slice of
+the same axis: ``F R = R F``. A measured slice ``y = M F S x`` of ``x`` is therefore, exactly, a measured slice of
 ``R x``:
 
     R y = (R M) F (R S) (R x),
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 
 from .config import AUGMENTS  # noqa: F401  (the names train.augment accepts)
+
 FLIPPED = ("kspace", "maps", "mask", "image")  # batch entries that live on the (H, W) grid
 
 

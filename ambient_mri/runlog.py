@@ -126,6 +126,8 @@ def describe_run(log: RunLog, *, cfg, meta: dict, data, device, env, resumed: tu
              f"{device}; {env.world} process(es), global batch {meta['global_batch']}; precision {meta['precision']}")
     if fp32_fallback:
         log.info(f"train.precision={cfg.train.precision} applies on GPU only: running fp32 on {device.type}")
+    if cfg.train.augment != "none":
+        log.info(f"augmentation: {cfg.train.augment} (each slice reflected about its centre row with probability 1/2)")
     if kind in ("ambient", "ambient_image", "naive_zf", "naive_l1", "em") and info.get("split") not in (None, "train"):
         log.info(f"note: the data is a {info.get('split')} split; only its measured data are read, never a reference")
     if kind == "oracle":

@@ -506,6 +506,7 @@ def test_training_loop_equals_a_plain_reimplementation_of_its_steps(tmp_path, da
         assert torch.equal(ck["ema"][k], v), k
     one_step_less, _ = _plain_training(cfg, data["train"], steps - 1)
     assert params_sha256(one_step_less) != res["params_sha256"]  # the comparison can fail
+    assert ("augmentation: readout-flip" in (tmp_path / "run" / "train.log").read_text()) == (augment != "none")
     if augment != "none":  # and the flip changes what is learnt
         unflipped, _ = _plain_training(dict(cfg, train=dict(cfg["train"], augment="none")), data["train"], steps)
         assert params_sha256(unflipped) != res["params_sha256"]
