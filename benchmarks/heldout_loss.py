@@ -36,8 +36,7 @@ from ambient_mri.corruption import from_dict
 from ambient_mri.config import CLEAN_KINDS
 from ambient_mri.datasets import AmbientKspaceDataset, ReferenceDataset, collate
 from ambient_mri.distributed import derived_seed
-from ambient_mri.losses import _complex_noise, ambient_input
-from ambient_mri.operators import SenseOp
+from ambient_mri.losses import ambient_kspace_loss, edm_loss, edm_weight
 
 SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0)
 
@@ -51,31 +50,24 @@ def named(text: str) -> tuple[str, str]:
 
 @torch.no_grad()
 def relative_errors(den, corruption, dataset, sigmas, *, slices: int, batch: int, seed: int) -> list[float]:
-    """``e(sigma)`` for each sigma, mean over the first ``slices`` slices of ``dataset``."""
+    """``e(sigma)`` for each sigma, mean over the first ``slices`` slices of ``dataset``: the training loss itself
+    (``losses.ambient_kspace_loss`` or ``losses.edm_loss``, EDM weight), unweighted and divided by the energy of
+    its target instead of ``H W``."""
     n = min(slices, len(dataset))
     sums = [0.0] * len(sigmas)
     for start in range(0, n, batch):
         b = collate([dataset[i] for i in range(start, min(n, start + batch))])
-        if "image" in b:  # a clean prior on references
-            x0 = b["image"]
-            energy = x0.abs().pow(2).flatten(1).sum(1)
-            for j, s in enumerate(sigmas):
-                g = torch.Generator().manual_seed(derived_seed("heldout", seed, start, j))
-                sigma = torch.full((len(x0),), float(s))
-                D = den(x0 + s * _complex_noise(x0, g), sigma, None)
-                sums[j] += float(((D - x0).abs().pow(2).flatten(1).sum(1) / energy).sum())
-            continue
-        y, mask, maps = b["kspace"], b["mask"], b["maps"]
-        A = SenseOp(maps, mask)
-        energy = y.abs().pow(2).flatten(1).sum(1)
+        target = b["image"] if "image" in b else b["kspace"]  # a clean prior on references, else measured k-space
+        scale = target.shape[-2] * target.shape[-1] / target.abs().pow(2).flatten(1).sum(1)
         for j, s in enumerate(sigmas):
             g = torch.Generator().manual_seed(derived_seed("heldout", seed, start, j))
-            further = corruption.further(mask, generator=g)
-            eta = _complex_noise(y[:, 0], g)
-            sigma = torch.full((len(y),), float(s))
-            D = den(ambient_input(y, maps, further, sigma, eta), sigma, further)
-            err = (A.forward(D) - y).abs().pow(2).flatten(1).sum(1) / energy
-            sums[j] += float(err.sum())
+            sigma = torch.full((len(target),), float(s))
+            if "image" in b:
+                loss = edm_loss(den, target, sigma, generator=g)
+            else:  # M~ first, then eta, from the same generator (as in training)
+                further = corruption.further(b["mask"], generator=g)
+                loss = ambient_kspace_loss(den, target, b["mask"], b["maps"], further, sigma, generator=g)
+            sums[j] += float((loss / edm_weight(sigma, den.sigma_data) * scale).sum())
     return [v / n for v in sums]
 
 

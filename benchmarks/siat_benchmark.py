@@ -40,6 +40,8 @@ import sys
 import time
 from pathlib import Path
 
+from ambient_mri.config import AUGMENTS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -188,7 +190,7 @@ def main():
     ap.add_argument("--em-sampler", choices=["dc", "adps", "mmps"], default="dc",
                     help="E-step sampler of rounds 2.. (round 1, with the ambient prior, uses dc).")
     ap.add_argument("--em-sampler-steps", type=int, default=10, help="E-step sampler steps.")
-    ap.add_argument("--augment", choices=["none", "readout-flip"], default="none",
+    ap.add_argument("--augment", choices=list(AUGMENTS), default="none",
                     help="train.augment of all three priors (readout-flip: exact left-right mirror, docs/training.md).")
     ap.add_argument("--threads", type=int, default=2,
                     help="Torch threads per command; the models train one after another with all of them.")
