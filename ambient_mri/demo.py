@@ -6,8 +6,9 @@
    the val and test splits at R = 4 and R = 8.
 3. A short ambient training run from scratch on the undersampled train split, to show the loss falling.
 4. Reconstruction of the held-out test scans at R = 4 and R = 8 with the packaged demo checkpoint (trained
-   by ``ambient-mri train`` on the same undersampled train split, 7500 steps; see docs/model_card_demo.md) and with
-   the classical baselines, then ``eval``: a PSNR/SSIM table and figures.
+   by ``ambient-mri train`` on undersampled train splits from the same generator, the demo's 240 slices and then
+   1920, 27,500 steps; see docs/model_card_demo.md) and with the classical baselines, then ``eval``: a PSNR/SSIM
+   table and figures.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .train import train
 DEMO_CHECKPOINT = ASSETS / PACKAGED["demo"]
 TRAIN_ACCEL, TEST_ACCELS = 4.0, (4.0, 8.0)
 # A-DPS step l for the demo checkpoint, chosen on the demo's *validation* volume demo_val_000 at R = 8
-# (100 steps; for the 7500-step checkpoint l = 0.3 / 1 / 3 gave 22.69 / 26.06 / 24.93 dB, docs/model_card_demo.md),
+# (100 steps; for the packaged checkpoint l = 0.3 / 1 / 3 gave 24.79 / 27.50 / 26.84 dB, docs/model_card_demo.md),
 # never on the test scans
 ADPS_STEP_SIZE = 1.0
 DATA_OPTIONS = dict(n_train_volumes=24, n_val_volumes=3, n_test_volumes=3, slices_per_volume=10, size=64, coils=8,
