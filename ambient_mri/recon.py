@@ -45,7 +45,7 @@ from .fsutil import atomic_h5, atomic_path, claim, make_dir, write_json
 from .operators import InpaintOp, SenseOp
 from .prep import PrepOptions, prepare_volume, whitening_note
 from .prepared import UNITS_ATTR, UNITS_RAW, Scan, check_noise_std, is_prepared, load_prepared
-from .sampling import DC_CG_ITERS, DEFAULT_STEPS, FURTHER, NOISE_AWARE, nfe, posterior
+from .sampling import DC_CG_ITERS, DC_ERROR_VAR, DEFAULT_STEPS, FURTHER, NOISE_AWARE, nfe, posterior
 from .sampling import METHODS as MODEL_METHODS
 ORACLE_METHODS = ("fsdps", "fsdps-noise")  # DPS with a clean-trained prior (oracle, naive, EM); adps refuses an oracle
 # how M~ is drawn by default: inside the test mask for our DC sampler (+0.7 dB at R 4, +0.8 dB at R 8 on the
@@ -362,7 +362,7 @@ def tune_lambda(val_dir: Path, slices: int, l1_iters: int, candidates=None) -> d
 
 def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, seed=0, accel=None, mask_type="adps",
               center_lines=None, batch=8, device="auto", lam=None, tune_on=None, tune_slices=8, step_size=None,
-              cg_iters=None, churn=None, shard=None, label=None, matrix="refuse", maps_method="espirit",
+              cg_iters=None, error_var=None, churn=None, shard=None, label=None, matrix="refuse", maps_method="espirit",
               sense_iters=30, l1_iters=100, nifti=True, png=True, ema=True, quiet=False, whiten=None, noise_std=None,
               further=None, echo=None) -> list[Path]:
     """Reconstruct every input file; returns the written outputs (skipping finished ones). ``whiten``
@@ -408,10 +408,12 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
         kwargs["step_size"] = step_size
     if cg_iters is not None or method == "dc":  # dc's default is written into the outputs' options
         kwargs["cg_iters"] = DC_CG_ITERS if cg_iters is None else cg_iters
+    if error_var is not None or method == "dc":  # likewise
+        kwargs["error_var"] = DC_ERROR_VAR if error_var is None else error_var
     if churn is not None:
         kwargs["churn"] = churn
     allowed = {"adps": {"step_size"}, "fsdps": {"step_size"}, "adps-noise": {"step_size"},
-               "fsdps-noise": {"step_size"}, "dc": {"cg_iters", "churn"}, "mmps": {"cg_iters"}}.get(method, set())
+               "fsdps-noise": {"step_size"}, "dc": {"cg_iters", "error_var", "churn"}, "mmps": {"cg_iters"}}.get(method, set())
     unused = set(kwargs) - allowed
     if unused:
         raise ConfigError(f"--{', --'.join(sorted(k.replace('_', '-') for k in unused))} not used by --method {method}")

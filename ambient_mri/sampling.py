@@ -35,6 +35,8 @@ from .fsutil import atomic_path, make_dir, sha256_file, write_json
 from .operators import InpaintOp, SenseOp, conjugate_gradient
 
 DC_CG_ITERS = 20  # chosen on the demo and SIAT validation splits (docs/recon.md); 5 until 2026-12-06
+ERROR_VARS = ("residual", "ideal", "local")  # dc_sampler's prior error variance v_t
+DC_ERROR_VAR = "local"  # chosen on the demo and SIAT validation splits (docs/recon.md); "residual" until 2026-12-06
 METHODS = ("adps", "aos", "fsdps", "dc", "adps-noise", "fsdps-noise", "mmps")
 MMPS_CG_ITERS = 5  # mmps.mmps's default
 FURTHER = ("independent", "within")  # how M~ is drawn: from the training distribution, or inside the test mask
@@ -213,18 +215,25 @@ def aos(denoiser, y: torch.Tensor, A: SenseOp, *, domain: str = "kspace", sigma:
     return denoiser(x_in, s, mask if domain != "clean" else None)
 
 
-def measured_counts(A) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m, tr(A^H A))`` per batch item, ``(B, 1, 1)``: the number of measured entries (coils x samples)
-    and the trace of the normal operator (``sum_pixels sum_c |S_c|^2 x count(M) / (H W)`` for SENSE: the
-    diagonal of ``F^H M F`` is ``count(M) / (H W)``; ``count(M)`` for inpainting)."""
+def normal_diagonal(A) -> torch.Tensor:
+    """The diagonal of ``A^H A`` per pixel, ``(B|1, H, W)``: ``sum_c |S_c|^2 count(M) / (H W)`` for SENSE (the
+    diagonal of ``F^H M F`` is ``count(M) / (H W)``), the 0/1 mask itself for inpainting."""
     if isinstance(A, SenseOp):
         H, W = A.maps.shape[-2:]
-        count = A.mask.expand(A.mask.shape[0], 1, H, W).flatten(1).sum(1)
-        C = A.maps.shape[1]
-        tr = A.maps.abs().pow(2).flatten(1).sum(1) * count / (H * W)
-        return (C * count).reshape(-1, 1, 1), tr.reshape(-1, 1, 1)
-    count = A.mask.flatten(1).sum(1).reshape(-1, 1, 1)
-    return count, count
+        count = A.mask.expand(A.mask.shape[0], 1, H, W).flatten(1).sum(1).reshape(-1, 1, 1)
+        return A.maps.abs().pow(2).sum(1) * count / (H * W)
+    return A.mask.float()
+
+
+def measured_counts(A) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(m, tr(A^H A))`` per batch item, ``(B, 1, 1)``: the number of measured entries (coils x samples)
+    and the trace of the normal operator (the sum of :func:`normal_diagonal`)."""
+    tr = normal_diagonal(A).flatten(1).sum(1).reshape(-1, 1, 1)
+    if isinstance(A, SenseOp):
+        H, W = A.maps.shape[-2:]
+        count = A.mask.expand(A.mask.shape[0], 1, H, W).flatten(1).sum(1) * A.maps.shape[1]
+        return count.reshape(-1, 1, 1), tr
+    return A.mask.flatten(1).sum(1).reshape(-1, 1, 1), tr
 
 
 def residual_error_variance(r: torch.Tensor, A, noise_var: torch.Tensor, floor) -> torch.Tensor:
@@ -236,6 +245,21 @@ def residual_error_variance(r: torch.Tensor, A, noise_var: torch.Tensor, floor) 
     m, tr = measured_counts(A)
     r2 = r.abs().pow(2).flatten(1).sum(1).reshape(-1, 1, 1)
     return ((r2 - m * noise_var) / tr.clamp_min(1e-12)).clamp_min(float(floor))
+
+
+def local_error_variance(D: torch.Tensor, r: torch.Tensor, A, noise_var: torch.Tensor, floor,
+                         window: int = 3, spread: float = 0.1) -> torch.Tensor:
+    """Per-pixel error variance ``v_p = c (P_p + spread mean(P))`` of the denoised estimate ``D (B, H, W)``,
+    ``P`` the ``window x window`` local mean of ``|D|^2``: the error is taken to scale with the local signal
+    power, as a Wiener filter's does (small where the estimate is empty background, large on the object).
+    ``c`` by the moment match of :func:`residual_error_variance` with ``C_t = diag(v)``:
+    ``E||r||^2 = sum_p v_p (A^H A)_pp + m s^2``. At least ``floor``. ``(B, H, W)``."""
+    P = torch.nn.functional.avg_pool2d(D.abs().pow(2)[:, None], window, 1, window // 2, count_include_pad=False)[:, 0]
+    w = P + spread * P.mean((-2, -1), keepdim=True)
+    m, _ = measured_counts(A)
+    r2 = r.abs().pow(2).flatten(1).sum(1).reshape(-1, 1, 1)
+    tr_w = (w * normal_diagonal(A)).flatten(1).sum(1).reshape(-1, 1, 1)
+    return ((r2 - m * noise_var) / tr_w.clamp_min(1e-30) * w).clamp_min(float(floor))
 
 
 def dc_weight(sigma, noise_var: torch.Tensor | None, sigma_data: float = 0.5, error_var=None):
@@ -254,8 +278,8 @@ def dc_weight(sigma, noise_var: torch.Tensor | None, sigma_data: float = 0.5, er
 
 def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int = 25, sigma_min: float = 0.004,
                sigma_max: float = 10.0, rho: float = 7.0, cg_iters: int = DC_CG_ITERS, lam: float | None = None,
-               noise_std=None, error_var: str = "residual", churn: float = 0.0, heun: bool = True,
-               generator=None) -> torch.Tensor:
+               noise_std=None, error_var: str = DC_ERROR_VAR, churn: float = 0.0, heun: bool = True,
+               window: int = 3, spread: float = 0.1, generator=None) -> torch.Tensor:
     """Ours: EDM Heun with data consistency by a few CG steps instead of back-propagation (DDS-style).
 
     Each evaluation replaces the denoised estimate ``D`` by ``D_dc = argmin ||A v - y||^2 + mu ||v - D||^2``,
@@ -263,11 +287,16 @@ def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int 
     step unconverged: docs/recon.md), then takes the Heun step with
     ``d = (x - D_dc) / sigma``. ``mu``: ``lam`` if given (fixed), else :func:`dc_weight` — ``s^2 / v_t``
     with ``noise_std = s`` (a float or ``(B,)``; 0 = exact projection) and ``v_t`` from ``error_var``:
-    ``residual`` (:func:`residual_error_variance`, default) or ``ideal`` (:func:`error_variance`); or the
-    legacy ``sigma_i^2`` when ``noise_std`` is None. ``churn`` > 0 adds EDM's stochastic noise injection.
+    ``residual`` (:func:`residual_error_variance`) or ``ideal`` (:func:`error_variance`); or the
+    legacy ``sigma_i^2`` when ``noise_std`` is None. ``local`` (default, :data:`DC_ERROR_VAR`): a per-pixel ``v_t``
+    (:func:`local_error_variance` with ``window``, ``spread``), ``D_dc = argmin ||A v - y||^2 / s^2 + ||v - D||^2_{diag(v_t)^-1}``, solved as
+    ``D + h u`` with ``h = v_t^(1/2)``, ``(h A^H A h + s^2) u = h A^H (y - A D)`` (the same iterates as the
+    ``mu`` form when ``v_t`` is uniform). ``churn`` > 0 adds EDM's stochastic noise injection.
     No gradients through the network; ``2 steps - 1`` network evaluations with Heun. Returns the final
     data-consistent estimate.
     """
+    if error_var not in ERROR_VARS:
+        raise ValueError(f"unknown error_var {error_var!r} (choose from {', '.join(ERROR_VARS)})")
     t = edm_sigmas(steps, sigma_min, sigma_max, rho, y.device)
     rhs0 = A.adjoint(y)
     y_meas = A.mask * y  # raw test files may hold values off the mask
@@ -278,6 +307,11 @@ def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int 
         D = denoise(denoiser, view, x, s)
         if cg_iters <= 0:
             return D
+        if lam is None and s2 is not None and error_var == "local":
+            r = y_meas - A.forward(D)
+            h = local_error_variance(D, r, A, s2, error_variance(s, sd), window, spread).sqrt().to(D.dtype)
+            u = conjugate_gradient(lambda u: h * A.normal(h * u) + s2 * u, h * A.adjoint(r), iters=cg_iters)
+            return D + h * u
         if lam is not None:
             mu = lam
         elif s2 is not None and error_var == "residual":

@@ -9,8 +9,8 @@ from ambient_mri import masks
 from ambient_mri.corruption import from_dict
 from ambient_mri.fft import fft2c, ifft2c
 from ambient_mri.operators import SenseOp
-from ambient_mri.sampling import (View, adps, aos, dc_sampler, edm_sigmas, model_view, nfe, posterior,
-                                  prior_sample)
+from ambient_mri.sampling import (View, adps, aos, dc_sampler, edm_sigmas, local_error_variance, measured_counts,
+                                  model_view, nfe, normal_diagonal, posterior, prior_sample, residual_error_variance)
 
 N = 16
 
@@ -104,6 +104,47 @@ def test_dc_sampler_consistent_with_data_and_posterior_spread():
     # deterministic by seed
     again = posterior("dc", D, {"corruption": {"domain": "clean"}}, y, maps, m, samples=K, steps=12, seed=0, churn=10)
     assert torch.equal(again.samples, post.samples)
+
+
+def test_local_error_variance_matches_the_residual_moment_and_follows_the_signal():
+    """``sum_p v_p (A^H A)_pp = ||r||^2 - m s^2`` (the moment match), uniform ``|D|`` gives the scalar
+    :func:`residual_error_variance`, and an empty background gets the small variance of the floor."""
+    x0, y, maps, m, A = problem(b=2, seed=1)
+    maps = maps * torch.linspace(0.5, 1.0, N)[None, None, :, None]  # non-uniform |S|^2: the diagonal matters
+    A = SenseOp(maps, m)
+    noise = 0.01 * torch.complex(torch.randn(y.shape, generator=torch.Generator().manual_seed(0)),
+                                 torch.randn(y.shape, generator=torch.Generator().manual_seed(1)))
+    D = 0.8 * x0
+    D[:, :, : N // 2] = 0  # the left half "background"
+    r = A.forward(x0) + noise * m - A.forward(D)
+    s2 = torch.full((2, 1, 1), 2e-4)
+    v = local_error_variance(D, r, A, s2, floor=1e-9, window=3, spread=0.01)
+    mc, _ = measured_counts(A)
+    excess = r.abs().pow(2).flatten(1).sum(1) - mc.flatten() * 2e-4
+    assert torch.allclose((v * normal_diagonal(A)).flatten(1).sum(1), excess, rtol=1e-4)
+    assert (v[:, :, : N // 2 - 2].mean() < 0.05 * v[:, :, N // 2 + 2 :].mean())
+    flat = torch.exp(1j * torch.rand(2, N, N, generator=torch.Generator().manual_seed(2)))
+    scalar = residual_error_variance(r, A, s2, 1e-9)
+    assert torch.allclose(local_error_variance(flat, r, A, s2, 1e-9), scalar.expand(2, N, N), rtol=1e-4)
+
+
+def test_dc_local_gives_the_scalar_iterates_when_the_weight_is_uniform():
+    """The whitened solve ``D + h u``, ``(h A^H A h + s^2) u = h A^H r``, spans the same Krylov space as the
+    ``mu`` form: with ``spread`` huge (uniform weight) ``error_var="local"`` reproduces ``"residual"``; with
+    the default spread it differs (and still fits the data)."""
+    x0, y, maps, m, A = problem(b=2, seed=2)
+    D = GaussianDenoiser()
+
+    def run(**kw):
+        return dc_sampler(D, View("clean"), y, A, steps=6, noise_std=0.01,
+                          generator=torch.Generator().manual_seed(0), **kw)
+
+    scalar, uniform, local = run(error_var="residual"), run(error_var="local", spread=1e9), run()
+    assert rel(uniform, scalar).max() < 1e-3
+    assert rel(local, scalar).max() > 1e-2
+    assert rel(A.forward(local), y).max() < 0.1
+    with pytest.raises(ValueError, match="error_var"):
+        run(error_var="pixel")
 
 
 def test_adps_fits_data_and_errs_like_an_independent_posterior_sample():

@@ -6,6 +6,7 @@ import click
 
 from ..masks import KSPACE_KINDS
 from ..recon import METHODS, run_recon
+from ..sampling import DC_ERROR_VAR, ERROR_VARS
 
 
 @click.command(name="recon")
@@ -35,6 +36,10 @@ from ..recon import METHODS, run_recon
 @click.option("--tune-slices", default=8, show_default=True, help="Validation slices used by --tune-on.")
 @click.option("--step-size", type=float, help="A-DPS/FS-DPS normalised step l (published: 1).")
 @click.option("--cg-iters", type=int, help="CG iterations per evaluation (default: 20 for dc, 5 for mmps).")
+@click.option("--error-var", type=click.Choice(ERROR_VARS),
+              help="dc: the prior's error variance v_t in the data-consistency step: residual (one value per slice "
+                   "from the data residual), ideal (EDM's formula), local (per pixel, following the local signal "
+                   f"power of the denoised estimate). Default: {DC_ERROR_VAR}.")
 @click.option("--churn", type=float, help="dc: EDM stochastic churn (default 0: deterministic given the seed).")
 @click.option("--noise-std", type=float,
               help="Noise std of one k-space sample of one coil in prepared units (E|n|^2 = s^2) for dc, adps-noise "
@@ -63,7 +68,7 @@ from ..recon import METHODS, run_recon
 @click.option("--ema/--no-ema", default=True, show_default=True, help="Use the EMA weights of the checkpoint.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or per-file lines.")
 def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_type, center_lines, batch, device,
-            lam, tune_on, tune_slices, step_size, cg_iters, churn, noise_std, further, shard, label, matrix,
+            lam, tune_on, tune_slices, step_size, cg_iters, error_var, churn, noise_std, further, shard, label, matrix,
             maps_method, sense_iters, l1_iters, nifti, png, ema, quiet, whiten):
     """Reconstruct undersampled scans; writes fastMRI-layout reconstructions (mean, std over samples, data
     consistency), NIfTI volumes and PNG previews. Resumable per slice; --shard splits a folder over
@@ -71,7 +76,7 @@ def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_t
     written = run_recon(inputs, out, method, checkpoint=checkpoint, steps=steps, samples=samples, seed=seed,
                         accel=accel, mask_type=mask_type, center_lines=center_lines, batch=batch, device=device,
                         lam=lam, tune_on=tune_on, tune_slices=tune_slices, step_size=step_size, cg_iters=cg_iters,
-                        churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
+                        error_var=error_var, churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
                         sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema, quiet=quiet,
                         whiten=whiten, noise_std=noise_std, further=further, echo=click.echo)
     if not quiet:
