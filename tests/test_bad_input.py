@@ -241,6 +241,7 @@ def test_train_rejects_bad_configs_in_one_line_before_any_work(tmp_path, capsys,
     (["--method", "l1"], "--lam or --tune-on"),
     (["--method", "dc"], "needs --checkpoint"),
     (["--method", "zf", "--step-size", "0.5"], "not used by --method zf"),
+    (["--method", "l1", "--lam", "0.001", "--error-var", "local"], "--error-var not used by --method l1"),
 ])
 def test_recon_rejects_impossible_values_in_one_line_before_any_work(tmp_path, capsys, extra, words):
     raw_volume(tmp_path / "in" / "scan.h5", slices=1)

@@ -1,5 +1,6 @@
 """ambient-mri recon with model methods, on a tiny model trained here on undersampled data only."""
 
+import json
 import os
 
 import h5py
@@ -48,6 +49,8 @@ def test_model_methods_shapes_seed_and_data_consistency(setup, tmp_path):
         assert arrays["reconstruction"].shape == (2, N, N) and np.isfinite(arrays["reconstruction"]).all()
         assert arrays["std"].shape == (2, N, N)
         assert attrs["checkpoint_kind"] == "ambient" and attrs["nfe"] == {"dc": 7, "adps": 8, "aos": 1}[method]
+        if method == "dc":  # the defaults are written into the outputs
+            assert json.loads(attrs["options"])["sampler"] == {"cg_iters": 20, "error_var": "local"}
         out[method] = arrays
     # CG data consistency: with the data declared exact (noise 0) far closer to the measurements than the
     # zero-filled image; with the (conservative) estimated noise level closer, but it no longer fits the noise
