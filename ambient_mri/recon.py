@@ -413,7 +413,8 @@ def run_recon(inputs, out, method, *, checkpoint=None, steps=None, samples=1, se
     if churn is not None:
         kwargs["churn"] = churn
     allowed = {"adps": {"step_size"}, "fsdps": {"step_size"}, "adps-noise": {"step_size"},
-               "fsdps-noise": {"step_size"}, "dc": {"cg_iters", "error_var", "churn"}, "mmps": {"cg_iters"}}.get(method, set())
+               "fsdps-noise": {"step_size"}, "dc": {"cg_iters", "error_var", "churn"},
+               "mmps": {"cg_iters"}}.get(method, set())
     unused = set(kwargs) - allowed
     if unused:
         raise ConfigError(f"--{', --'.join(sorted(k.replace('_', '-') for k in unused))} not used by --method {method}")

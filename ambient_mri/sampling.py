@@ -287,11 +287,12 @@ def dc_sampler(denoiser, view: View, y: torch.Tensor, A: SenseOp, *, steps: int 
     step unconverged: docs/recon.md), then takes the Heun step with
     ``d = (x - D_dc) / sigma``. ``mu``: ``lam`` if given (fixed), else :func:`dc_weight` — ``s^2 / v_t``
     with ``noise_std = s`` (a float or ``(B,)``; 0 = exact projection) and ``v_t`` from ``error_var``:
-    ``residual`` (:func:`residual_error_variance`) or ``ideal`` (:func:`error_variance`); or the
-    legacy ``sigma_i^2`` when ``noise_std`` is None. ``local`` (default, :data:`DC_ERROR_VAR`): a per-pixel ``v_t``
-    (:func:`local_error_variance` with ``window``, ``spread``), ``D_dc = argmin ||A v - y||^2 / s^2 + ||v - D||^2_{diag(v_t)^-1}``, solved as
-    ``D + h u`` with ``h = v_t^(1/2)``, ``(h A^H A h + s^2) u = h A^H (y - A D)`` (the same iterates as the
-    ``mu`` form when ``v_t`` is uniform). ``churn`` > 0 adds EDM's stochastic noise injection.
+    ``local`` (default, :data:`DC_ERROR_VAR`): per pixel (:func:`local_error_variance` with ``window``,
+    ``spread``), ``D_dc = argmin ||A v - y||^2 / s^2 + sum_p |v_p - D_p|^2 / v_p``, solved as ``D + h u`` with
+    ``h = v^(1/2)``, ``(h A^H A h + s^2) u = h A^H (y - A D)`` (the ``mu`` form's iterates when ``v`` is
+    uniform); ``residual`` (:func:`residual_error_variance`) or ``ideal`` (:func:`error_variance`), one value
+    per slice; or the legacy ``sigma_i^2`` when ``noise_std`` is None. ``churn`` > 0 adds EDM's stochastic
+    noise injection.
     No gradients through the network; ``2 steps - 1`` network evaluations with Heun. Returns the final
     data-consistent estimate.
     """

@@ -141,8 +141,8 @@ def test_dc_with_a_clean_prior_on_data_that_do_not_fit_the_model():
     model's maps. Noise-aware DC with the oracle prior stays within a small factor of the (assumed-model)
     exact posterior mean, far better than CG-SENSE, and better than the legacy (noise-ignoring) weight.
     Measured 2026-12-06 (4 scans, mean of 8 samples, squared error summed over pixels, 20 CG steps): posterior
-    mean 1.51, DC residual 6.66, DC ideal 3.91, DC local (the default) 4.54, legacy DC 26.0, CG-SENSE 16.3 (unregularised) and 7.95
-    (lam = 0.01). (With 5 CG steps: DC residual 6.1, ideal 4.0, legacy 8.5.)"""
+    mean 1.51, DC residual 6.66, DC ideal 3.91, DC local (the default) 4.54, legacy DC 26.0, CG-SENSE 16.3
+    (unregularised) and 7.95 (lam = 0.01). (With 5 CG steps: DC residual 6.1, ideal 4.0, legacy 8.5.)"""
     p = Problem(s=0.02, seed=2, scans=4, data_maps=smooth_maps(N, 4, shift=0.1))
 
     def err(x):

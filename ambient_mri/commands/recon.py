@@ -76,8 +76,8 @@ def command(inputs, out, method, checkpoint, steps, samples, seed, accel, mask_t
     written = run_recon(inputs, out, method, checkpoint=checkpoint, steps=steps, samples=samples, seed=seed,
                         accel=accel, mask_type=mask_type, center_lines=center_lines, batch=batch, device=device,
                         lam=lam, tune_on=tune_on, tune_slices=tune_slices, step_size=step_size, cg_iters=cg_iters,
-                        error_var=error_var, churn=churn, shard=shard, label=label, matrix=matrix, maps_method=maps_method,
-                        sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png, ema=ema, quiet=quiet,
-                        whiten=whiten, noise_std=noise_std, further=further, echo=click.echo)
+                        error_var=error_var, churn=churn, shard=shard, label=label, matrix=matrix,
+                        maps_method=maps_method, sense_iters=sense_iters, l1_iters=l1_iters, nifti=nifti, png=png,
+                        ema=ema, quiet=quiet, whiten=whiten, noise_std=noise_std, further=further, echo=click.echo)
     if not quiet:
         click.echo(f"wrote {len(written)} reconstruction(s) to {out}")
