@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import torch
 
+from .error_variance import noise_variance
 from .errors import AmbientMRIError
 from .operators import conjugate_gradient
-from .sampling import View, denoise, noise_variance, prior_sample
+from .sampling import View, denoise, prior_sample
 
 NOISE_FLOOR = 1e-4  # smallest noise std used in the MMPS system (prepared units, images of magnitude ~1)
 

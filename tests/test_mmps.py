@@ -184,7 +184,7 @@ def test_one_step_is_exact_for_a_non_circular_prior():
     y[rows] = cplx(yr)
     got = mmps_mean(WidelyLinear(M, Nc), View("clean"), torch.from_numpy(cplx(xtr).reshape(1, 2, 3)), sigma,
                     torch.from_numpy(y.reshape(1, 2, 2, 3)), A, noise_std=s, cg_iters=100).numpy()
-    # measured 5e-9: s^2 is rounded to float32 (sampling.noise_variance)
+    # measured 5e-9: s^2 is rounded to float32 (error_variance.noise_variance)
     assert np.abs(realify(got) - want).max() < 1e-7 * np.abs(want).max()
 
 

@@ -7,10 +7,11 @@ from torch import nn
 
 from ambient_mri import masks
 from ambient_mri.corruption import from_dict
+from ambient_mri.error_variance import (local_error_variance, measured_counts, normal_diagonal,
+                                        residual_error_variance)
 from ambient_mri.fft import fft2c, ifft2c
 from ambient_mri.operators import SenseOp
-from ambient_mri.sampling import (View, adps, aos, dc_sampler, edm_sigmas, local_error_variance, measured_counts,
-                                  model_view, nfe, normal_diagonal, posterior, prior_sample, residual_error_variance)
+from ambient_mri.sampling import View, adps, aos, dc_sampler, edm_sigmas, model_view, nfe, posterior, prior_sample
 
 N = 16
 
