@@ -28,7 +28,7 @@ import torch
 
 from .errors import DataError
 from .fsutil import WriteGuard, atomic_path
-from .networks import build_denoiser
+from .networks import build_denoiser, preferred_layout
 
 FORMAT = "ambient_mri.checkpoint/1"
 LATEST = "checkpoint.pt"
@@ -220,7 +220,7 @@ def build_from_checkpoint(ck: dict, ema: bool = True, device="cpu"):
     den = build_denoiser(ck["config"]["model"])
     sd = ck["ema"] if ema and ck.get("ema") is not None else ck["model"]
     den.load_state_dict(sd)
-    return den.to(device).eval()
+    return preferred_layout(den.to(device), device).eval()
 
 
 def load_denoiser(path, ema: bool = True, device="cpu"):

@@ -137,7 +137,8 @@ class TrainConfig:
     ``warmup`` steps; ``optimizer`` adam or adamw (``weight_decay``); ``grad_clip`` (0 = off);
     EMA of the weights with an EDM-style half-life of ``ema_halflife`` images (ramped up as
     ``min(ema_halflife, ema_rampup * images_seen)``; ``ema_rampup: null`` = no ramp) or, if
-    ``ema_decay`` is set, a constant per-step decay; ``precision`` fp32|bf16|fp16 (autocast on GPU only);
+    ``ema_decay`` is set, a constant per-step decay; ``precision`` fp32|bf16|fp16 (autocast on GPU; bf16 also on
+    CPUs with native bf16, fp32 on other CPUs);
     ``seed``; logging/checkpoint/sample-grid periods in steps (``sample_every: 0`` = never), ``keep``
     numbered snapshots; ``num_workers`` data-loader processes; ``device`` auto|cpu|cuda; ``augment``
     none|readout-flip (``augment.readout_flip``: each slice reflected along its rows with probability 1/2,

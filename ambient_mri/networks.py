@@ -200,6 +200,13 @@ class EDMDenoiser(nn.Module):
         return c_skip[:, None, None] * x_in + c_out[:, None, None] * to_complex(F_x)
 
 
+def preferred_layout(module: nn.Module, device) -> nn.Module:
+    """``module`` in the memory layout its fp32 convolutions run fastest in on ``device``: channels-last (NHWC)
+    on CPU, where oneDNN's convolutions are 10-20 % faster for these UNets (docs/training.md); unchanged on other
+    devices. The function is the same (fp32 rounding aside); checkpoints load into either layout."""
+    return module.to(memory_format=torch.channels_last) if torch.device(device).type == "cpu" else module
+
+
 def build_denoiser(cfg: dict) -> EDMDenoiser:
     """Build from a config's ``model`` section: ``channels``, ``blocks``, ``attention``, ``dropout``,
     ``groups``, ``sigma_data``, ``cond``, ``sigma_view``."""

@@ -125,7 +125,8 @@ def describe_run(log: RunLog, *, cfg, meta: dict, data, device, env, resumed: tu
              f"mask {info.get('mask_kind')} R={info.get('accel')}); model {meta['params']:,} parameters; device "
              f"{device}; {env.world} process(es), global batch {meta['global_batch']}; precision {meta['precision']}")
     if fp32_fallback:
-        log.info(f"train.precision={cfg.train.precision} applies on GPU only: running fp32 on {device.type}")
+        where = "a GPU or a CPU with native bf16 (AVX512-BF16 or AMX)" if cfg.train.precision == "bf16" else "a GPU"
+        log.info(f"train.precision={cfg.train.precision} needs {where}: running fp32 on {device.type}")
     if cfg.train.augment != "none":
         log.info(f"augmentation: {cfg.train.augment} (each slice reflected about its centre row with probability 1/2)")
     if kind in ("ambient", "ambient_image", "naive_zf", "naive_l1", "em") and info.get("split") not in (None, "train"):

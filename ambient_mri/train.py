@@ -9,7 +9,8 @@ One optimiser step on a batch of measured k-space ``y = M F S x0`` (``loss.kind 
 with ``ambient_image_loss`` for pixel/box corruption and the plain ``edm_loss`` for the oracle (FS-EDM,
 fully sampled references) and the naive baselines (ZF-/L1-EDM); ``losses.build_loss`` gives the object of
 ``loss.kind`` and the loop calls ``loss(denoiser, batch, generator)`` whatever the kind. Adam/AdamW with
-linear warm-up, gradient clipping, an EDM-style EMA, bf16/fp16 autocast on GPU, DDP under ``torchrun``
+linear warm-up, gradient clipping, an EDM-style EMA, bf16/fp16 autocast on GPU (bf16 also on CPUs with native
+bf16; fp32 CPU training keeps the network channels-last, which oneDNN runs faster), DDP under ``torchrun``
 (processes and devices: ``distributed``; log, metrics, checkpoint policy and stop requests: ``runlog``).
 
 Determinism: the batch of step ``t`` is fixed by (seed, epoch) through a ``DistributedSampler``, and the
@@ -42,7 +43,7 @@ from .distributed import (DistEnv, any_rank, batches_from, derived_seed, dist_en
 from .errors import ConfigError, DataError
 from .fsutil import atomic_path, make_dir, sha256_file
 from .losses import build_loss
-from .networks import build_denoiser
+from .networks import build_denoiser, preferred_layout
 from .runlog import (LABELS, METRICS_COLUMNS, Checkpoints, RunLog, StopRequest, Window, describe_run,
                      write_done)
 from .sampling import sample_grid
@@ -50,7 +51,8 @@ from .sampling import sample_grid
 # public names; DistEnv, dist_env, derived_seed, resolve_device, loss_denoiser (distributed) and RunLog, LABELS,
 # METRICS_COLUMNS (runlog) moved out and stay importable from here (tests and benchmarks import them)
 __all__ = ["train", "DistEnv", "dist_env", "derived_seed", "resolve_device", "loss_denoiser", "RunLog",
-           "LABELS", "METRICS_COLUMNS", "ema_beta", "lr_at", "autocast_hooks", "check_against_data", "resolve_config"]
+           "LABELS", "METRICS_COLUMNS", "ema_beta", "lr_at", "autocast_hooks", "autocast_dtype", "check_against_data",
+           "resolve_config"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,6 +93,22 @@ def autocast_hooks(module, device_type: str, dtype):
     return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
 
 
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where oneDNN's bf16 convolutions beat fp32."""
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_dtype(precision: str, device) -> torch.dtype | None:
+    """The autocast dtype for ``train.precision`` on ``device``: bf16 or fp16 on CUDA; bf16 on a CPU with native
+    bf16 (:func:`cpu_has_native_bf16`); None (fp32) otherwise. Weights, Adam and EMA stay fp32 either way."""
+    if device.type == "cuda":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if device.type == "cpu" and precision == "bf16" and cpu_has_native_bf16():
+        return torch.bfloat16
+    return None
+
+
 @dataclass
 class TrainState:
     """The network, its EMA, the optimiser (and the fp16 gradient scaler), the GPU autocast dtype (None:
@@ -122,7 +140,9 @@ def build_state(cfg: Config, device, env: DistEnv, ck: dict | None = None, init=
         opt = opt_cls(model.parameters(), fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         opt = opt_cls(model.parameters(), foreach=True, **kw)
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(T.precision) if device.type == "cuda" else None
+    amp = autocast_dtype(T.precision, device)
+    if amp is None:  # fp32: channels-last on CPU (under bf16 autocast NCHW is faster; docs/training.md)
+        model, ema = preferred_layout(model, device), preferred_layout(ema, device)
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     if amp is not None:
         autocast_hooks(model.net, device.type, amp)

@@ -133,3 +133,26 @@ def test_loss_weight_refuses_a_denoiser_without_sigma_eff():
 
     with pytest.raises(AttributeError, match="sigma_eff"):
         loss_weight(Bare(), torch.tensor([0.1]))
+
+
+def test_preferred_layout_on_cpu():
+    """On CPU a denoiser runs channels-last, elsewhere in the default layout; the output is the contiguous
+    network's to fp32 rounding."""
+    from ambient_mri.networks import build_denoiser, preferred_layout
+
+    torch.manual_seed(0)
+    cfg = {"channels": [8, 16], "groups": 4}
+    a = build_denoiser(cfg)
+    for p in a.parameters():
+        p.data.normal_(0, 0.2)
+    b = build_denoiser(cfg)
+    b.load_state_dict(a.state_dict())
+    assert preferred_layout(b, "meta").net.stem.weight.is_contiguous()
+    b = preferred_layout(b, "cpu")
+    assert b.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not b.net.stem.weight.is_contiguous()
+    x = torch.randn(3, 12, 10, dtype=torch.complex64)
+    with torch.no_grad():
+        ya, yb = a(x, torch.tensor([0.1, 1.0, 10.0])), b(x, torch.tensor([0.1, 1.0, 10.0]))
+    assert ya.shape == yb.shape == x.shape and yb.dtype == torch.complex64
+    assert (ya - yb).abs().max() <= 1e-5 * ya.abs().max()

@@ -448,6 +448,7 @@ def _plain_training(cfg, root, steps):
     model, ema = build_denoiser(cfg["model"]), build_denoiser(cfg["model"])
     ema.load_state_dict(model.state_dict())
     ema.requires_grad_(False)
+    model = model.to(memory_format=torch.channels_last)  # the trainer's layout for fp32 on CPU (same maths, other bits)
     try:
         opt = torch.optim.Adam(model.parameters(), lr=T["lr"], fused=True)
     except (RuntimeError, TypeError, ValueError):
@@ -528,3 +529,80 @@ def test_sample_grids_of_a_multicoil_model_use_training_coil_maps(tmp_path, data
     assert seen[0].op.maps.shape == (3, 2, 32, 32) and torch.equal(seen[0].op.maps, maps)
     with h5py.File(data["train"] / "vol_0.h5") as f:
         assert np.allclose(maps[0].numpy(), f["maps"][0])  # write_prepared's maps: every slice has the same
+
+
+def test_cpu_precision_policy(monkeypatch):
+    """``train.precision``: bf16 autocasts on a CPU only where it has native bf16; fp16 never on CPU; GPU as given."""
+    from ambient_mri import train as tr
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert tr.autocast_dtype("bf16", cuda) is torch.bfloat16 and tr.autocast_dtype("fp16", cuda) is torch.float16
+    assert tr.autocast_dtype("fp32", cuda) is None and tr.autocast_dtype("fp32", cpu) is None
+    for native in (True, False):
+        monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda native=native: native)
+        assert tr.autocast_dtype("bf16", cpu) is (torch.bfloat16 if native else None)
+        assert tr.autocast_dtype("fp16", cpu) is None
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_on_cpu_trains_and_is_recorded(tmp_path, data, monkeypatch, native):
+    """bf16 on a CPU with native bf16 runs the network under autocast (recorded as bf16 in the checkpoint and the
+    log); without it the run says so in one line and trains fp32, channels-last."""
+    from ambient_mri import train as tr
+
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: native)
+    seen = []
+    orig = tr.build_state
+
+    def spy_state(*a, **k):
+        state = orig(*a, **k)
+        seen.append(state)
+        return state
+
+    monkeypatch.setattr(tr, "build_state", spy_state)
+    out = tmp_path / "run"
+    res = run(out, data["train"], "train.steps=2", "train.log_every=1", "train.precision=bf16")
+    ck = load_checkpoint(out / LATEST)
+    log = (out / "train.log").read_text()
+    assert ck["training"]["precision"] == ("bf16" if native else "fp32")
+    assert ("running fp32 on cpu" in log) is not native
+    conv = seen[0].model.net.stem.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last) is not native
+    assert all(torch.isfinite(v).all() for v in ck["model"].values()) and res["step"] == 2
+    den, _ = load_denoiser(out / LATEST)  # an fp32 network, channels-last on CPU, whatever the run's layout
+    assert den.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 16, 16, dtype=torch.complex64)
+    assert torch.isfinite(torch.view_as_real(den(x, 0.5, torch.ones(1, 1, 16)))).all()
+
+
+def test_channels_last_is_the_same_maths(data):
+    """The channels-last network (fp32 CPU training) gives the contiguous network's loss and gradients to fp32
+    rounding: the layout changes the speed, not the function."""
+    from ambient_mri.config import load_config
+    from ambient_mri.networks import build_denoiser
+
+    cfg = load_config("tiny", ["model.sigma_view=0.2"]).to_dict()["model"]
+    torch.manual_seed(0)
+    a = build_denoiser(cfg)
+    for p in a.parameters():  # the output conv starts at zero: give every layer a non-trivial weight
+        p.data.normal_(0, 0.2)
+    b = build_denoiser(cfg)
+    b.load_state_dict(a.state_dict())
+    b = b.to(memory_format=torch.channels_last)
+    assert b.net.stem.weight.is_contiguous(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(4, 2, 16, 16, dtype=torch.complex64, generator=g)
+    maps = torch.randn(4, 2, 16, 16, dtype=torch.complex64, generator=g)
+    mask = (torch.rand(4, 1, 16, generator=g) < 0.5).float()
+    y = y * mask[:, :, None]
+    fm = mask * (torch.rand(4, 1, 16, generator=g) < 0.7).float()
+    sigma = torch.tensor([0.01, 0.1, 1.0, 5.0])
+    eta = torch.randn(4, 16, 16, dtype=torch.complex64, generator=g)
+    la = losses.ambient_kspace_loss(a, y, mask, maps, fm, sigma, eta=eta).sum()
+    lb = losses.ambient_kspace_loss(b, y, mask, maps, fm, sigma, eta=eta).sum()
+    la.backward()
+    lb.backward()
+    assert torch.allclose(la, lb, rtol=1e-5)
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        scale = pa.grad.abs().max() + 1e-12
+        assert (pa.grad - pb.grad).abs().max() / scale < 1e-4, name
