@@ -98,3 +98,52 @@ def test_heldout_loss_scores_ambient_and_clean_priors_with_fixed_draws(tmp_path,
     errs = [float(r[k]) for r in rows for k in ("e(0.01)", "e(1)")]
     assert all(np.isfinite(errs)) and all(e > 0 for e in errs)
     assert float(rows[0]["e(1)"]) > float(rows[0]["e(0.01)"])  # more noise, larger error, even for a 2-step model
+
+
+def test_prior_sampler_variants_runs_and_its_schedules_and_scores(tmp_path, capsys):
+    """benchmarks/prior_sampler_variants.py on a 2-step ambient prior: one row per schedule plus the oracle's, a
+    figure; the fresh-mask schedule draws one mask set per noise level (the same for both evaluations at a level,
+    new at the next); the spectral scores of a set against itself are 0 dB and a high-frequency ratio of 1."""
+    import torch
+
+    from ambient_mri.corruption import from_dict
+    from ambient_mri.train import train
+    from tests.test_datasets import write_prepared
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import prior_sampler_variants as psv
+
+    tr = write_prepared(tmp_path / "train", files=1, slices=4, coils=2)
+    va = write_prepared(tmp_path / "val", files=1, slices=4, coils=2, split="val", seed=1)
+    quiet = dict(progress=False, echo=lambda m: None)
+    train("tiny", tr, tmp_path / "amb", overrides=["train.steps=2"], **quiet)
+    train("tiny", va, tmp_path / "ora", overrides=["train.steps=2", "loss.kind=oracle"], **quiet)
+    png = tmp_path / "v.png"
+    psv.main(["--ambient", str(tmp_path / "amb"), "--oracle", str(tmp_path / "ora"), "--maps-from", str(tr),
+              "--reference", str(va), "--n", "3", "--steps", "3", "--K", "2", "--threads", "1", "--out", str(png)])
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ambient") or line.startswith("| oracle")]
+    assert [r.split(" | ")[0] for r in rows] == ["| ambient, fixed", "| ambient, fresh", "| ambient, mean-2",
+                                                "| oracle (clean-trained), fixed"]
+    assert all(np.isfinite(float(v)) for r in rows for v in r.strip("| ").split(" | ")[1:4])
+    assert png.stat().st_size > 0
+
+    ref = psv.references(va, 4)
+    sc = psv.spectral_scores(ref, ref)
+    assert sc["lsd_db"] == 0 and sc["pe_lsd_db"] == 0 and abs(sc["hf_ratio"] - 1) < 1e-6
+
+    seen = []
+
+    def stub(view, sigma, mask):
+        seen.append(mask.clone())
+        return view
+
+    from ambient_mri.checkpoint import load_denoiser
+
+    corruption = from_dict(load_denoiser(tmp_path / "amb")[1]["training"]["corruption"])
+    H, W = corruption.shape
+    sched = psv.MaskSchedule(stub, corruption, torch.ones(2, 1, H, W, dtype=torch.complex64), K=1, seed=0)
+    x = torch.randn(2, H, W, dtype=torch.complex64)
+    for s in (2.0, 2.0, 1.0):
+        sched(x, torch.full((2,), s))
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])
