@@ -70,20 +70,27 @@ def test_pilot_sampler_options_and_slice_psnr(tmp_path):
     assert pilot.slice_psnr(tmp_path) == {"l1": {("v", 1): 20.5, ("v", 10): 21.0}, "dc": {("v", 1): 22.0}}
 
 
-def test_heldout_loss_scores_ambient_and_clean_priors_with_fixed_draws(tmp_path, capsys):
-    """benchmarks/heldout_loss.py: an ambient checkpoint on k-space splits, a clean one on references; the same
-    split named twice gives the same errors (the draws are fixed), so a train/held-out ratio means the data."""
+def _two_step_priors(tmp_path):
+    """A prepared train and val split, an ambient prior ``tmp_path/amb`` (train) and an oracle ``tmp_path/ora``
+    (val references), 2 steps each: ``(train, val)``."""
     from ambient_mri.train import train
     from tests.test_datasets import write_prepared
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import heldout_loss
 
     tr = write_prepared(tmp_path / "train", files=1, slices=4, coils=2)
     va = write_prepared(tmp_path / "val", files=1, slices=4, coils=2, split="val", seed=1)
     quiet = dict(progress=False, echo=lambda m: None)
     train("tiny", tr, tmp_path / "amb", overrides=["train.steps=2"], **quiet)
     train("tiny", va, tmp_path / "ora", overrides=["train.steps=2", "loss.kind=oracle"], **quiet)
+    return tr, va
+
+
+def test_heldout_loss_scores_ambient_and_clean_priors_with_fixed_draws(tmp_path, capsys):
+    """benchmarks/heldout_loss.py: an ambient checkpoint on k-space splits, a clean one on references; the same
+    split named twice gives the same errors (the draws are fixed), so a train/held-out ratio means the data."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import heldout_loss
+
+    tr, va = _two_step_priors(tmp_path)
     csv_path = tmp_path / "rows.csv"
     assert heldout_loss.main(["--split", f"a={tr}", "--split", f"b={tr}", "--split", f"val={va}",
                               "--ref-split", f"ref={va}", "--sigmas", "0.01", "1", "--slices", "3",
@@ -107,17 +114,11 @@ def test_prior_sampler_variants_runs_and_its_schedules_and_scores(tmp_path, caps
     import torch
 
     from ambient_mri.corruption import from_dict
-    from ambient_mri.train import train
-    from tests.test_datasets import write_prepared
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import prior_sampler_variants as psv
 
-    tr = write_prepared(tmp_path / "train", files=1, slices=4, coils=2)
-    va = write_prepared(tmp_path / "val", files=1, slices=4, coils=2, split="val", seed=1)
-    quiet = dict(progress=False, echo=lambda m: None)
-    train("tiny", tr, tmp_path / "amb", overrides=["train.steps=2"], **quiet)
-    train("tiny", va, tmp_path / "ora", overrides=["train.steps=2", "loss.kind=oracle"], **quiet)
+    tr, va = _two_step_priors(tmp_path)
     png = tmp_path / "v.png"
     psv.main(["--ambient", str(tmp_path / "amb"), "--oracle", str(tmp_path / "ora"), "--maps-from", str(tr),
               "--reference", str(va), "--n", "3", "--steps", "3", "--K", "2", "--threads", "1", "--out", str(png)])
