@@ -16,7 +16,8 @@ def test_siat_benchmark_quick(shared_data, tmp_path):
     out = tmp_path / "bench"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "siat_benchmark.py"), "--out", str(out), "--quick",
-                        "--shared", str(shared_data), "--em-rounds", "1"], capture_output=True, text=True, env=env, timeout=900)
+                        "--shared", str(shared_data), "--em-rounds", "1", "--precision", "bf16"], capture_output=True, text=True,
+                       env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     report = (out / "benchmarks.md").read_text()
     for needle in ("QUICK", "## Test R8\n", "## Test R12\n", "## Test R8, true coil maps", "| adps | 8 |",
@@ -30,7 +31,8 @@ def test_siat_benchmark_quick(shared_data, tmp_path):
     assert len(counts) == 1, counts
     assert any(line.startswith("| R8 |") and "| l1 |" in line for line in report.splitlines())
     assert (out / "report" / "prior_samples.png").stat().st_size > 0
-    assert "ambient-mri train --config cpu64" in (out / "commands.log").read_text()
+    commands = (out / "commands.log").read_text()
+    assert "ambient-mri train --config cpu64" in commands and "train.precision=bf16" in commands
     # benchmarks/pilot.py on the same validation split and ambient run: one row, every method scored, with an
     # extra A-DPS column (--sampler)
     r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "pilot.py"), "--out", str(tmp_path / "pilot"),
