@@ -62,15 +62,20 @@ def measured_counts(A) -> tuple[torch.Tensor, torch.Tensor]:
     return measured_entries(A), normal_diagonal(A).flatten(1).sum(1).reshape(-1, 1, 1)
 
 
+def _excess_residual_energy(r: torch.Tensor, A, noise_var: torch.Tensor) -> torch.Tensor:
+    """``||r||^2 - m s^2`` per batch item, ``(B, 1, 1)``: the residual energy the noise does not explain, which
+    the moment matches below equate to ``tr(A C_t A^H)``."""
+    return r.abs().pow(2).flatten(1).sum(1).reshape(-1, 1, 1) - measured_entries(A) * noise_var
+
+
 def residual_error_variance(r: torch.Tensor, A, noise_var: torch.Tensor, floor) -> torch.Tensor:
     """Moment estimate of the denoiser's error variance per complex pixel from the data residual
     ``r = y - A D = A (x0 - D) + n``: ``E||r||^2 = tr(A C_t A^H) + m s^2``, so with ``C_t = v I``
     ``v = (||r||^2 - m s^2) / tr(A^H A)``, at least ``floor`` (the ideal denoiser's :func:`error_variance`).
     Unlike the formula it sees an imperfect network, and an ambient denoiser's error that does not vanish
     as ``sigma -> 0`` (it saw only ``M~``). ``(B, 1, 1)``."""
-    m, tr = measured_counts(A)
-    r2 = r.abs().pow(2).flatten(1).sum(1).reshape(-1, 1, 1)
-    return ((r2 - m * noise_var) / tr.clamp_min(1e-12)).clamp_min(float(floor))
+    _, tr = measured_counts(A)
+    return (_excess_residual_energy(r, A, noise_var) / tr.clamp_min(1e-12)).clamp_min(float(floor))
 
 
 def local_error_variance(D: torch.Tensor, r: torch.Tensor, A, noise_var: torch.Tensor, floor,
@@ -82,10 +87,8 @@ def local_error_variance(D: torch.Tensor, r: torch.Tensor, A, noise_var: torch.T
     ``E||r||^2 = sum_p v_p (A^H A)_pp + m s^2``. At least ``floor``. ``(B, H, W)``."""
     P = torch.nn.functional.avg_pool2d(D.abs().pow(2)[:, None], window, 1, window // 2, count_include_pad=False)[:, 0]
     w = P + spread * P.mean((-2, -1), keepdim=True)
-    m = measured_entries(A)
-    r2 = r.abs().pow(2).flatten(1).sum(1).reshape(-1, 1, 1)
     tr_w = (w * normal_diagonal(A)).flatten(1).sum(1).reshape(-1, 1, 1)
-    return ((r2 - m * noise_var) / tr_w.clamp_min(1e-30) * w).clamp_min(float(floor))
+    return (_excess_residual_energy(r, A, noise_var) / tr_w.clamp_min(1e-30) * w).clamp_min(float(floor))
 
 
 def dc_weight(sigma, noise_var: torch.Tensor | None, sigma_data: float = 0.5, error_var=None):

@@ -111,8 +111,8 @@ def autocast_dtype(precision: str, device) -> torch.dtype | None:
 
 @dataclass
 class TrainState:
-    """The network, its EMA, the optimiser (and the fp16 gradient scaler), the GPU autocast dtype (None:
-    fp32), the step and wall time the run starts from, and the ``--init`` record."""
+    """The network, its EMA, the optimiser (and the fp16 gradient scaler), the autocast dtype (None: fp32;
+    :func:`autocast_dtype`), the step and wall time the run starts from, and the ``--init`` record."""
 
     model: object
     ema: object
@@ -134,15 +134,15 @@ def build_state(cfg: Config, device, env: DistEnv, ck: dict | None = None, init=
     ema = build_denoiser(cfg.to_dict()["model"]).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
+    amp = autocast_dtype(T.precision, device)
+    if amp is None:  # fp32: channels-last on CPU (under bf16 autocast NCHW is faster; docs/training.md)
+        model, ema = preferred_layout(model, device), preferred_layout(ema, device)
     opt_cls = torch.optim.AdamW if T.optimizer == "adamw" else torch.optim.Adam
     kw = dict(lr=T.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=T.weight_decay)
     try:  # the fused kernel is several times faster than the per-tensor loop (CPU and GPU)
         opt = opt_cls(model.parameters(), fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):
         opt = opt_cls(model.parameters(), foreach=True, **kw)
-    amp = autocast_dtype(T.precision, device)
-    if amp is None:  # fp32: channels-last on CPU (under bf16 autocast NCHW is faster; docs/training.md)
-        model, ema = preferred_layout(model, device), preferred_layout(ema, device)
     scaler = torch.amp.GradScaler("cuda") if amp is torch.float16 else None
     if amp is not None:
         autocast_hooks(model.net, device.type, amp)

@@ -76,15 +76,20 @@ def spectral_scores(x: torch.Tensor, ref: torch.Tensor) -> dict:
 
 
 def references(folder: Path, n: int) -> torch.Tensor:
-    out = []
+    """The first ``n`` references of the prepared files in ``folder`` (sorted), ``(n', H, W)``; files after those
+    are not read."""
+    out, have = [], 0
     for p in sorted(folder.glob("*.h5")):
+        if have >= n:
+            break
         with h5py.File(p, "r") as f:
             if "reference" not in f:
                 sys.exit(f"{p}: no 'reference' dataset (give a prepared validation or test split)")
-            out.append(torch.from_numpy(f["reference"][()].astype(np.complex64)))
+            out.append(torch.from_numpy(f["reference"][: n - have].astype(np.complex64)))
+        have += len(out[-1])
     if not out:
         sys.exit(f"{folder}: no prepared .h5 files")
-    return torch.cat(out)[:n]
+    return torch.cat(out)
 
 
 def main(argv=None):
